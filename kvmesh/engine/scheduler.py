@@ -1,0 +1,176 @@
+"""Continuous batching: which sequences run in the next step, and how many tokens each.
+
+Every step has a token budget (`max_num_batched_tokens`). Running sequences go first — those
+decoding (one token each, so inter-token latency stays steady), then those part-way through a
+prompt, which take what budget is left as a chunk. Waiting sequences are then admitted in
+arrival order while budget, sequence slots and blocks allow; an admitted sequence first reuses
+the longest cached prefix of its tokens.
+
+When a running sequence needs a block and none is free, the most recently admitted sequence is
+preempted: its blocks are released and it goes back to the front of the queue to be recomputed
+(usually from the prefix cache). This cannot deadlock: the engine refuses any request that
+could not fit in the pool alone, so the oldest sequence can always make progress by preempting
+the others.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from kvmesh.engine.sequence import SeqState, Sequence
+from kvmesh.kv.block_pool import BlockPool
+from kvmesh.kv.hashing import BlockHash
+
+
+@dataclass(slots=True)
+class ScheduledChunk:
+    seq: Sequence
+    num_tokens: int
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    chunks: list[ScheduledChunk]
+    preempted: list[Sequence]
+    num_prefix_hit_tokens: int = 0  # tokens admitted sequences found in the prefix cache
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        pool: BlockPool,
+        *,
+        block_size: int,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        root_hash: BlockHash,
+    ) -> None:
+        self.pool = pool
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.root_hash = root_hash
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order
+        self._hit_tokens = 0
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence, *, front: bool = False) -> None:
+        seq.state = SeqState.WAITING
+        if front:
+            self.waiting.appendleft(seq)
+        else:
+            self.waiting.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take a sequence out of the queues and release its blocks (finish or abort)."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.release_blocks(seq)
+        seq.state = SeqState.FINISHED
+
+    def release_blocks(self, seq: Sequence) -> None:
+        self.pool.release(seq.block_ids)
+        seq.block_ids = []
+
+    def schedule(self) -> SchedulerOutput:
+        scheduled: dict[Sequence, int] = {}
+        preempted: list[Sequence] = []
+        self._hit_tokens = 0
+
+        def budget() -> int:
+            return self.max_num_batched_tokens - sum(scheduled.values())
+
+        # Decoding sequences first, then prompts in progress; each group in admission order.
+        for seq in sorted(self.running, key=lambda s: s.is_prefilling):
+            if seq.state is not SeqState.RUNNING:
+                continue  # preempted earlier in this loop
+            num_tokens = min(seq.num_uncomputed_tokens, budget())
+            if num_tokens == 0:
+                break
+            if self._grow(seq, num_tokens, scheduled, preempted):
+                scheduled[seq] = num_tokens
+
+        # Admitting after a preemption would only thrash: wait for blocks to come back.
+        while self.waiting and not preempted and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            num_tokens = self._admit(seq, budget())
+            if num_tokens == 0:
+                break
+            self.waiting.popleft()
+            self.running.append(seq)
+            seq.state = SeqState.RUNNING
+            scheduled[seq] = num_tokens
+
+        chunks = [ScheduledChunk(seq, n) for seq, n in scheduled.items()]
+        return SchedulerOutput(chunks, preempted, self._hit_tokens)
+
+    def _blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def _grow(
+        self,
+        seq: Sequence,
+        num_tokens: int,
+        scheduled: dict[Sequence, int],
+        preempted: list[Sequence],
+    ) -> bool:
+        """Give `seq` blocks for `num_tokens` more, preempting the newest sequences if needed.
+
+        False when `seq` itself had to be preempted.
+        """
+        needed = self._blocks_for(seq.num_computed_tokens + num_tokens) - len(seq.block_ids)
+        while needed > self.pool.num_free_blocks:
+            victim = self.running[-1]
+            self._preempt(victim)
+            scheduled.pop(victim, None)
+            preempted.append(victim)
+            if victim is seq:
+                return False
+        if needed > 0:
+            seq.block_ids += self.pool.allocate(needed)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.release_blocks(seq)
+        seq.reset_for_recompute()
+        self.waiting.appendleft(seq)
+
+    def _admit(self, seq: Sequence, budget: int) -> int:
+        """Reserve blocks for the first chunk of a waiting sequence; 0 if it cannot start now."""
+        if budget == 0:
+            return 0
+        hits = []
+        if not seq.block_ids:
+            seq.extend_hashes(self.block_size, self.root_hash)
+            # Leave at least the last token to compute: its logits give the next token.
+            usable = (seq.num_tokens - 1) // self.block_size
+            hits = self.pool.lookup(seq.block_hashes[:usable])
+        num_computed = len(hits) * self.block_size if hits else seq.num_computed_tokens
+        num_tokens = min(seq.num_tokens - num_computed, budget)
+        num_held = len(hits) if hits else len(seq.block_ids)
+        needed = self._blocks_for(num_computed + num_tokens) - num_held
+        reclaimed = sum(1 for b in hits if self.pool.ref_count(b) == 0)
+        if needed > self.pool.num_free_blocks - reclaimed:
+            return 0
+        if hits:
+            self.pool.acquire(hits)
+            seq.block_ids = list(hits)
+            seq.num_computed_tokens = num_computed
+            seq.num_registered_blocks = len(hits)
+            self._hit_tokens += num_computed
+            if seq.num_preemptions == 0:
+                seq.num_cached_tokens = num_computed
+        seq.block_ids += self.pool.allocate(needed)
+        return num_tokens

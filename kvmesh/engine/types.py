@@ -1,0 +1,123 @@
+"""The records that cross the engine boundary: requests, streamed outputs, KV handles, load."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from kvmesh.engine.sampling import SamplingParams, TokenLogprob
+
+
+class FinishReason(str, Enum):
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens or the context limit
+    ABORT = "abort"  # cancelled
+
+
+class TransferMode(str, Enum):
+    MESH = "mesh"  # the engine exposes its KV blocks; kvmesh's transfer agent moves them
+    ENGINE = "engine"  # the engine moves KV itself; handles carry its opaque state
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateRequest:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass(slots=True)
+class TokenOutput:
+    """New tokens of one request from one engine step (usually one token)."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    logprobs: list[TokenLogprob]
+    finish_reason: FinishReason | None
+    stop_reason: str | int | None
+    num_prompt_tokens: int
+    num_cached_tokens: int  # prompt tokens not computed here: prefix-cache hits or imported KV
+    num_output_tokens: int
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True, slots=True)
+class KvExport:
+    """The KV of a prefilled prompt, pinned on the prefill side until released."""
+
+    request_id: str
+    block_ids: tuple[int, ...]
+    num_tokens: int  # prompt tokens whose K/V the blocks hold
+    block_size: int
+    layout_fingerprint: str
+    opaque: bytes = b""  # TransferMode.ENGINE: the engine's own transfer state
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillOutput:
+    first: TokenOutput  # the first generated token (may already finish the request)
+    export: KvExport | None  # None when the first token finished the request
+
+
+@dataclass(frozen=True, slots=True)
+class KvImportPlan:
+    """Local blocks reserved for an imported prompt's KV.
+
+    Blocks `block_ids[:num_cached_blocks]` were already in this engine's prefix cache; the rest
+    must be filled from the exporter's blocks at the same positions before decoding starts.
+    """
+
+    request_id: str
+    block_ids: tuple[int, ...]
+    num_cached_blocks: int
+    num_tokens: int
+    block_size: int
+    layout_fingerprint: str
+
+    @property
+    def blocks_to_fill(self) -> tuple[int, ...]:
+        return self.block_ids[self.num_cached_blocks :]
+
+
+@dataclass(frozen=True, slots=True)
+class LoadSnapshot:
+    num_running: int
+    num_waiting: int
+    num_tokens_in_flight: int  # context tokens held by running and waiting requests
+    num_prefill_tokens_pending: int  # tokens still to run through the model
+    num_blocks_used: int
+    num_blocks_total: int
+    num_blocks_pinned: int  # held by exports and import reservations
+    step_seconds: float  # duration of the last step
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """Monotonic counters since start."""
+
+    num_computed_tokens: int = 0  # tokens run through the forward pass
+    num_prompt_tokens: int = 0
+    num_prefix_hit_tokens: int = 0  # tokens found in the prefix cache instead of computed
+    num_imported_tokens: int = 0
+    num_generated_tokens: int = 0
+    num_preemptions: int = 0
+    num_steps: int = 0
+    num_requests_finished: int = 0
+    num_requests_aborted: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class EngineInfo:
+    model_id: str
+    block_size: int
+    num_blocks: int
+    layout_fingerprint: str
+    max_model_len: int
+    vocab_size: int
+    device: str
+    dtype: str
+    transfer_mode: TransferMode

@@ -1,0 +1,78 @@
+"""Chained 64-bit block hashes: the one definition shared by router and workers.
+
+A block's hash covers its own token ids and, through the parent hash, every token before it, so
+equal hashes mean equal prefixes. Only full blocks are hashed.
+
+    root    = xxh3_64(b"kvmesh/v1" 0x00 model_id 0x00 adapter, seed=HASH_SEED)
+    hash[i] = xxh3_64(u64le(parent) || u32le(token) for each token of block i, seed=HASH_SEED)
+    parent  = root for block 0, hash[i-1] otherwise
+
+Changing any of this changes every hash in a deployment: the golden vectors in
+tests/unit/kv/test_hashing.py pin it.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from typing import NewType
+
+import numpy as np
+import xxhash
+
+from kvmesh.kv.errors import InvalidTokenError
+
+BlockHash = NewType("BlockHash", int)
+
+HASH_SEED = 0x6B766D657368  # "kvmesh"
+_ROOT_DOMAIN = b"kvmesh/v1"
+_MAX_TOKEN_ID = 2**32 - 1
+
+
+def root_hash(model_id: str, adapter: str = "") -> BlockHash:
+    """The parent of a sequence's first block: folds the model (and adapter) into every hash."""
+    material = b"\x00".join((_ROOT_DOMAIN, model_id.encode(), adapter.encode()))
+    return BlockHash(xxhash.xxh3_64_intdigest(material, seed=HASH_SEED))
+
+
+def _token_bytes(token_ids: Sequence[int]) -> bytes:
+    tokens = np.asarray(token_ids, dtype=np.int64)
+    if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) > _MAX_TOKEN_ID):
+        raise InvalidTokenError(f"token ids must be in [0, {_MAX_TOKEN_ID}]")
+    return tokens.astype("<u4").tobytes()
+
+
+def _chain(parent: BlockHash, block_bytes: bytes) -> BlockHash:
+    material = struct.pack("<Q", parent) + block_bytes
+    return BlockHash(xxhash.xxh3_64_intdigest(material, seed=HASH_SEED))
+
+
+def hash_block(parent: BlockHash, token_ids: Sequence[int]) -> BlockHash:
+    """The hash of one block given its parent's hash."""
+    return _chain(parent, _token_bytes(token_ids))
+
+
+def hash_blocks(
+    token_ids: Sequence[int],
+    block_size: int,
+    parent: BlockHash,
+    *,
+    start_block: int = 0,
+) -> list[BlockHash]:
+    """Hashes of the full blocks of `token_ids`, from block `start_block` on.
+
+    `parent` is the root hash when `start_block` is 0, otherwise the hash of block
+    `start_block - 1`: callers extend a sequence's hashes without rehashing its prefix.
+    """
+    if block_size < 1:
+        raise ValueError("block_size must be >= 1")
+    num_full = len(token_ids) // block_size
+    if num_full <= start_block:
+        return []
+    data = _token_bytes(token_ids[start_block * block_size : num_full * block_size])
+    stride = 4 * block_size
+    hashes: list[BlockHash] = []
+    for offset in range(0, len(data), stride):
+        parent = _chain(parent, data[offset : offset + stride])
+        hashes.append(parent)
+    return hashes

@@ -1,0 +1,114 @@
+"""The same engine code on CUDA in bf16 (run on a GPU machine: pytest -m gpu).
+
+Tolerance for bf16: two correct bf16 implementations differ by rounding (bf16 keeps 8 bits of
+mantissa, about 0.4% per operation, compounded over every layer), so a fixed logit tolerance
+would be either meaningless or arbitrary. The test instead measures both the engine and
+transformers against a float32 run of the same weights: the engine passes when its error is no
+more than 1.5x transformers' own bf16 error, in the worst case and on average.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvmesh.bench.accuracy import check_accuracy
+from kvmesh.bench.prompts import chat_prompt_ids
+from kvmesh.engine import EngineConfig, EngineCore, GenerateRequest, SamplingParams, loader
+from kvmesh.engine.errors import ModelNotFoundError
+from tests.helpers import generate, run_until_idle, tokens_by_request
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA; run on a GPU machine with pytest -m gpu"
+)
+
+
+def _smollm2_spec() -> tuple[str, bool]:
+    """The real SmolLM2 weights where present (KVMESH_GPU_MODEL or the package), else dummy."""
+    spec = os.environ.get("KVMESH_GPU_MODEL", "smollm2")
+    try:
+        loader.resolve(spec)
+    except ModelNotFoundError:
+        return "dummy:smollm2-135m", False
+    return spec, True
+
+
+def _report(name: str, data: dict[str, object]) -> None:
+    directory = os.environ.get("KVMESH_REPORT_DIR")
+    if directory:
+        Path(directory, f"{name}.json").write_text(json.dumps(data, indent=2, default=str))
+
+
+def _free(core: EngineCore) -> None:
+    del core
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def test_bf16_logits_and_greedy_tokens_agree_with_transformers() -> None:
+    spec, real = _smollm2_spec()
+    core = EngineCore(EngineConfig(model=spec, device="cuda", num_blocks=4096), show_progress=False)
+    assert core.info.dtype == "bfloat16"
+    report = check_accuracy(core, chat_prompt_ids(core, 20), greedy_tokens=16, fp32_reference=True)
+    _report("gpu_accuracy", {"real_weights": real, **report.as_dict()})
+    assert report.engine_vs_fp32_max_abs_diff is not None
+    assert report.transformers_vs_fp32_max_abs_diff is not None
+    assert report.engine_vs_fp32_mean_abs_diff is not None
+    assert report.transformers_vs_fp32_mean_abs_diff is not None
+    assert report.engine_vs_fp32_max_abs_diff <= 1.5 * report.transformers_vs_fp32_max_abs_diff
+    assert report.engine_vs_fp32_mean_abs_diff <= 1.5 * report.transformers_vs_fp32_mean_abs_diff
+    if real:
+        assert report.greedy_matches >= 16, report.mismatched_prompts
+    assert core.is_idle_and_whole()
+    _free(core)
+
+
+def test_disaggregated_copy_on_cuda_gives_the_same_tokens() -> None:
+    config = EngineConfig(model="dummy:llama-tiny", device="cuda", block_size=16, num_blocks=64)
+    prefill, decode = (
+        EngineCore(config, show_progress=False),
+        EngineCore(config, show_progress=False),
+    )
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    prompt = list(range(10, 60))
+    expected = generate(prefill, [prompt], params)[0]
+    request = GenerateRequest("cuda-split", tuple(prompt), params)
+    prefill.add(request, prefill_only=True)
+    (result,) = run_until_idle(prefill)
+    assert result.export is not None  # type: ignore[union-attr]
+    plan = decode.reserve_import(request, result.export)  # type: ignore[union-attr]
+    source = result.export.block_ids[plan.num_cached_blocks :]  # type: ignore[union-attr]
+    decode.kv_cache.write_blocks(plan.blocks_to_fill, prefill.kv_cache.read_blocks(source))
+    prefill.release_export("cuda-split")
+    first = result.first.token_ids[0]  # type: ignore[union-attr]
+    decode.start_import("cuda-split", first)
+    tokens = [first, *tokens_by_request(run_until_idle(decode))["cuda-split"]]
+    assert tokens == expected
+    assert prefill.is_idle_and_whole() and decode.is_idle_and_whole()
+
+
+def test_llama_8b_shaped_model_runs_32_concurrent_decodes() -> None:
+    core = EngineCore(
+        EngineConfig(model="dummy:llama-3.1-8b", device="cuda", max_num_seqs=64),
+        show_progress=False,
+    )
+    params = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
+    prompts = chat_prompt_ids(core, 32)
+    for i, prompt in enumerate(prompts):
+        core.add(GenerateRequest(f"big-{i}", tuple(prompt), params))
+    most_running = 0
+    outputs = []
+    while core.has_work:
+        outputs += core.step()
+        most_running = max(most_running, core.load().num_running)
+    tokens = tokens_by_request(outputs)
+    assert most_running == 32
+    assert sorted(len(t) for t in tokens.values()) == [48] * 32
+    assert core.is_idle_and_whole()
+    _report("gpu_8b_concurrency", {"sequences": 32, "most_running": most_running})
+    _free(core)

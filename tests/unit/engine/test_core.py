@@ -1,0 +1,380 @@
+"""The engine core on a tiny random-weight model: scheduling, caching, KV moves, errors."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvmesh.engine import (
+    EngineConfig,
+    EngineCore,
+    FinishReason,
+    GenerateRequest,
+    InvalidRequestError,
+    ModelNotFoundError,
+    PrefillOutput,
+    SamplingParams,
+    TokenOutput,
+    UnknownRequestError,
+    loader,
+)
+from kvmesh.kv.events import BlockRemoved, BlockStored
+from tests.helpers import generate, generate_one_at_a_time, run_until_idle, tokens_by_request
+
+NO_EOS = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+PRESETS = Path(loader.__file__).parent / "presets"
+
+
+def tiny_config_path(name: str, tmp_path: Path) -> Path:
+    """A tiny preset, or a variant of one written to tmp_path."""
+    if name == "llama3-rope":
+        config = json.loads((PRESETS / "llama-tiny.json").read_text())
+        config["rope_scaling"] = {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        }
+        path = tmp_path / "llama3-rope.json"
+        path.write_text(json.dumps(config))
+        return path
+    return PRESETS / f"{name}.json"
+
+
+def tiny(**overrides: object) -> EngineCore:
+    settings: dict[str, object] = {
+        "model": "dummy:llama-tiny",
+        "device": "cpu",
+        "block_size": 4,
+        "num_blocks": 128,
+        "max_num_batched_tokens": 64,
+    }
+    settings.update(overrides)
+    return EngineCore(EngineConfig(**settings), show_progress=False)  # type: ignore[arg-type]
+
+
+def prompts(n: int, *, seed: int = 0, low: int = 3, high: int = 30) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 1000) for _ in range(rng.randint(low, high))] for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def core() -> EngineCore:
+    return tiny()
+
+
+@pytest.fixture(autouse=True)
+def _pool_is_whole_after_each_test(core: EngineCore):  # type: ignore[no-untyped-def]
+    yield
+    assert core.is_idle_and_whole(), "a test left requests, pins or referenced blocks behind"
+
+
+def test_batching_does_not_change_greedy_tokens(core: EngineCore) -> None:
+    batch = prompts(8)
+    together = generate(core, batch, NO_EOS)
+    alone = generate_one_at_a_time(core, batch, NO_EOS)
+    assert together == alone
+    assert all(len(t) == 12 for t in together)
+
+
+def test_chunked_prefill_gives_the_same_tokens() -> None:
+    batch = prompts(4, low=20, high=40)
+    whole = generate(tiny(max_num_batched_tokens=256), batch, NO_EOS)
+    chunked_core = tiny(max_num_batched_tokens=7)
+    step_sizes: list[int] = []
+    run = chunked_core.runner.run
+
+    def recording_run(chunks):  # type: ignore[no-untyped-def]
+        step_sizes.append(sum(c.num_tokens for c in chunks))
+        return run(chunks)
+
+    chunked_core.runner.run = recording_run  # type: ignore[method-assign]
+    assert generate(chunked_core, batch, NO_EOS) == whole
+    assert max(step_sizes) == 7
+    assert step_sizes.count(7) >= sum(len(p) for p in batch) // 7 - 1
+
+
+def test_prefix_cache_computes_only_new_tokens(core: EngineCore) -> None:
+    shared = prompts(1, seed=5, low=32, high=32)[0]  # 8 full blocks of 4
+    first = shared + [7, 8, 9]
+    second = shared + [11, 12, 13, 14, 15]
+    generate(core, [first], NO_EOS)
+    before = core.stats.num_computed_tokens
+    cached = generate(core, [second], NO_EOS)[0]
+    computed = core.stats.num_computed_tokens - before
+    assert computed == len(second) - len(shared) + (NO_EOS.max_tokens - 1)
+    core.pool.clear_cache()
+    assert generate(core, [second], NO_EOS)[0] == cached
+
+
+def test_a_fully_cached_prompt_still_computes_its_last_token(core: EngineCore) -> None:
+    prompt = prompts(1, seed=6, low=16, high=16)[0]  # exactly 4 blocks
+    expected = generate(core, [prompt], NO_EOS)[0]
+    before = core.stats.num_computed_tokens
+    assert generate(core, [prompt], NO_EOS)[0] == expected
+    # the last block is recomputed: its last token's logits give the first output token
+    assert core.stats.num_computed_tokens - before == 4 + NO_EOS.max_tokens - 1
+
+
+def test_preemption_recomputes_and_keeps_results() -> None:
+    batch = prompts(4, seed=3, low=10, high=10)
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    expected = generate(tiny(), batch, params)
+    small = tiny(num_blocks=16)  # 64 token slots; the four requests need 4 x 30
+    assert generate(small, batch, params) == expected
+    assert small.stats.num_preemptions > 0
+    assert small.is_idle_and_whole()
+
+
+def test_random_load_on_a_small_pool_always_finishes() -> None:
+    """No deadlock: every request finishes under heavy preemption; the pool comes back whole."""
+    rng = random.Random(7)
+    small = tiny(num_blocks=24, max_num_batched_tokens=16, max_num_seqs=6)
+    for i, prompt in enumerate(prompts(30, seed=11, low=1, high=40)):
+        max_tokens = rng.randint(1, 96 - len(prompt))
+        small.add(
+            GenerateRequest(
+                f"r{i}", tuple(prompt), SamplingParams(max_tokens, 0.0, ignore_eos=True)
+            )
+        )
+    outputs = run_until_idle(small, max_steps=20_000)
+    finished = {o.request_id for o in outputs if isinstance(o, TokenOutput) and o.finished}
+    assert finished == {f"r{i}" for i in range(30)}
+    assert small.stats.num_preemptions > 0
+    assert small.is_idle_and_whole()
+
+
+def test_prefill_export_then_import_on_another_engine(core: EngineCore) -> None:
+    decode = tiny()
+    prompt = prompts(1, seed=9, low=22, high=22)[0]
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    expected = generate(core, [prompt], params)[0]
+
+    tokens, moved = _disaggregated(core, decode, "d1", prompt, params)
+    assert tokens == expected
+    assert moved == 6  # ceil(22 / 4): nothing cached on the decode side yet
+
+    # The decode engine now caches the prompt's full blocks: only the partial one moves.
+    tokens, moved = _disaggregated(core, decode, "d2", prompt, params)
+    assert tokens == expected
+    assert moved == 1
+    assert decode.is_idle_and_whole()
+
+
+def _disaggregated(
+    prefill: EngineCore,
+    decode: EngineCore,
+    request_id: str,
+    prompt: list[int],
+    params: SamplingParams,
+) -> tuple[list[int], int]:
+    request = GenerateRequest(request_id, tuple(prompt), params)
+    prefill.add(request, prefill_only=True)
+    (result,) = run_until_idle(prefill)
+    assert isinstance(result, PrefillOutput) and result.export is not None
+    plan = decode.reserve_import(request, result.export)
+    source = result.export.block_ids[plan.num_cached_blocks :]
+    decode.kv_cache.write_blocks(plan.blocks_to_fill, prefill.kv_cache.read_blocks(source))
+    prefill.release_export(request_id)
+    decode.start_import(request_id, result.first.token_ids[0])
+    rest = tokens_by_request(run_until_idle(decode))[request_id]
+    return result.first.token_ids + rest, len(plan.blocks_to_fill)
+
+
+def test_prefill_that_finishes_at_once_exports_nothing(core: EngineCore) -> None:
+    core.add(GenerateRequest("p1", (5, 6, 7), SamplingParams(max_tokens=1)), prefill_only=True)
+    (result,) = run_until_idle(core)
+    assert isinstance(result, PrefillOutput)
+    assert result.export is None
+    assert result.first.finish_reason is FinishReason.LENGTH
+
+
+def test_import_rejects_a_mismatched_export(core: EngineCore) -> None:
+    other = tiny(block_size=8)
+    request = GenerateRequest("m1", (5, 6, 7, 8, 9), NO_EOS)
+    other.add(request, prefill_only=True)
+    (result,) = run_until_idle(other)
+    assert isinstance(result, PrefillOutput) and result.export is not None
+    with pytest.raises(InvalidRequestError, match="block size"):
+        core.reserve_import(request, result.export)
+    other.release_export("m1")
+    with pytest.raises(UnknownRequestError):
+        other.release_export("m1")
+    with pytest.raises(UnknownRequestError):
+        core.start_import("never-reserved", 5)
+
+
+def test_abort_frees_waiting_running_exported_and_reserved(core: EngineCore) -> None:
+    core.add(GenerateRequest("a-run", tuple(range(3, 20)), NO_EOS))
+    core.step()
+    core.add(GenerateRequest("a-wait", tuple(range(3, 20)), NO_EOS))
+    out = core.abort("a-run")
+    assert out is not None and out.finish_reason is FinishReason.ABORT
+    assert core.abort("a-wait") is not None
+    assert core.abort("no-such-request") is None
+
+    request = GenerateRequest("a-exp", tuple(range(3, 20)), NO_EOS)
+    core.add(request, prefill_only=True)
+    (result,) = run_until_idle(core)
+    assert isinstance(result, PrefillOutput) and result.export is not None
+    core.reserve_import(GenerateRequest("a-imp", request.prompt_token_ids, NO_EOS), result.export)
+    assert core.load().num_blocks_pinned > 0
+    assert core.abort("a-exp") is None and core.abort("a-imp") is None
+    assert core.load().num_blocks_pinned == 0
+
+
+@pytest.mark.parametrize(
+    ("prompt", "params", "message"),
+    [
+        ((), NO_EOS, "prompt is empty"),
+        ((1, 2, 5000), NO_EOS, "outside the vocabulary"),
+        ((1, -1), NO_EOS, "outside the vocabulary"),
+        (tuple(range(3, 3 + 512)), NO_EOS, "context holds 512"),
+        ((1, 2), SamplingParams(max_tokens=0), "max_tokens must be at least 1"),
+        ((1, 2), SamplingParams(max_tokens=511), "exceeds the context"),
+        ((1, 2), SamplingParams(temperature=-1.0), "temperature must be >= 0"),
+        ((1, 2), SamplingParams(temperature=float("nan")), "temperature must be >= 0"),
+        ((1, 2), SamplingParams(top_p=0.0), r"top_p must be in \(0, 1\]"),
+        ((1, 2), SamplingParams(top_p=1.5), r"top_p must be in \(0, 1\]"),
+        ((1, 2), SamplingParams(top_k=-1), "top_k must be >= 0"),
+        ((1, 2), SamplingParams(top_logprobs=21), "top_logprobs"),
+        ((1, 2), SamplingParams(stop_token_ids=(99999,)), "stop_token_ids"),
+        ((1, 2), SamplingParams(stop=("x",)), "need a tokenizer"),
+    ],
+)
+def test_bad_input_is_refused_and_the_engine_keeps_serving(
+    core: EngineCore, prompt: tuple[int, ...], params: SamplingParams, message: str
+) -> None:
+    with pytest.raises(InvalidRequestError, match=message):
+        core.add(GenerateRequest("bad", prompt, params))
+    assert generate(core, [[5, 6, 7]], NO_EOS)[0]
+
+
+def test_duplicate_request_ids_are_refused(core: EngineCore) -> None:
+    core.add(GenerateRequest("dup", (5, 6), NO_EOS))
+    with pytest.raises(InvalidRequestError, match="already in use"):
+        core.add(GenerateRequest("dup", (5, 6), NO_EOS))
+    run_until_idle(core)
+
+
+def test_missing_model_path_is_a_typed_error() -> None:
+    with pytest.raises(ModelNotFoundError, match="not found"):
+        EngineCore(EngineConfig(model="/no/such/model"), show_progress=False)
+    with pytest.raises(ModelNotFoundError, match="no dummy preset"):
+        EngineCore(EngineConfig(model="dummy:no-such-preset"), show_progress=False)
+
+
+def test_finish_reasons(core: EngineCore) -> None:
+    prompt = [5, 6, 7, 8]
+    free_run = generate(core, [prompt], NO_EOS)[0]
+    stop_at = free_run[3]
+    stopped = generate(
+        core, [prompt], SamplingParams(12, 0.0, stop_token_ids=(stop_at,), ignore_eos=True)
+    )
+    assert stopped[0] == free_run[: free_run.index(stop_at) + 1]
+
+    core.add(
+        GenerateRequest(
+            "len", tuple(prompt), SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+        )
+    )
+    final = [o for o in run_until_idle(core) if isinstance(o, TokenOutput)][-1]
+    assert final.finish_reason is FinishReason.LENGTH
+    assert final.num_output_tokens == 3
+
+
+def test_eos_stops_unless_ignored(core: EngineCore) -> None:
+    prompt = [5, 6, 7, 8]
+    first = generate(core, [prompt], NO_EOS)[0][0]
+    eos_core = tiny(num_blocks=32)
+    eos_core.eos_token_ids = frozenset({first})
+    assert generate(eos_core, [prompt], SamplingParams(8, 0.0))[0] == [first]
+    assert len(generate(eos_core, [prompt], SamplingParams(8, 0.0, ignore_eos=True))[0]) == 8
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(core: EngineCore) -> None:
+    sampled = SamplingParams(
+        max_tokens=16, temperature=1.0, top_p=0.9, top_k=50, seed=1234, ignore_eos=True
+    )
+    prompt = [9, 10, 11, 12, 13]
+    alone = generate(core, [prompt], sampled)[0]
+    crowd = generate(core, [prompt, *prompts(5, seed=2)], sampled)[0]
+    assert alone == crowd
+    other_seed = SamplingParams(16, 1.0, 0.9, 50, seed=99, ignore_eos=True)
+    assert generate(core, [prompt], other_seed)[0] != alone
+
+
+def test_logprobs(core: EngineCore) -> None:
+    params = SamplingParams(
+        max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=True, top_logprobs=3
+    )
+    core.add(GenerateRequest("lp", (5, 6, 7), params))
+    outs = [o for o in run_until_idle(core) if isinstance(o, TokenOutput)]
+    for out in outs:
+        (lp,) = out.logprobs
+        assert lp.token_id == out.token_ids[0]
+        assert lp.logprob <= 0.0
+        assert len(lp.top) == 3
+        assert lp.top[0] == (lp.token_id, pytest.approx(lp.logprob))
+        assert [v for _, v in lp.top] == sorted((v for _, v in lp.top), reverse=True)
+
+
+def test_kv_events_report_what_the_cache_gains_and_loses() -> None:
+    small = tiny(num_blocks=8)
+    generate(
+        small, [list(range(3, 20))], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    )
+    batch = small.kv_events.read_after(0)
+    stored = [e for e in batch.events if isinstance(e, BlockStored)]
+    assert sum(len(e.block_hashes) for e in stored) == (17 + 2) // 4
+    ids = [e.event_id for e in batch.events]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    generate(
+        small,
+        [list(range(100, 128))],
+        SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True),
+    )
+    later = small.kv_events.read_after(batch.last_event_id)
+    assert any(isinstance(e, BlockRemoved) for e in later.events)
+
+
+def test_load_snapshot_counts_requests_and_blocks(core: EngineCore) -> None:
+    core.add(GenerateRequest("l1", tuple(range(300, 310)), NO_EOS))  # nothing cached yet
+    core.add(GenerateRequest("l2", tuple(range(400, 406)), NO_EOS))
+    load = core.load()
+    assert (load.num_running, load.num_waiting) == (0, 2)
+    assert load.num_tokens_in_flight == 16
+    assert load.num_prefill_tokens_pending == 16
+    core.step()
+    load = core.load()
+    assert (load.num_running, load.num_waiting) == (2, 0)
+    assert load.num_blocks_used == 3 + 2
+    assert load.num_blocks_total == 128
+    run_until_idle(core)
+
+
+@pytest.mark.parametrize("preset", ["llama-tiny", "qwen2-tiny", "llama3-rope"])
+def test_logits_match_transformers_with_the_same_weights(preset: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from kvmesh.bench.reference import reference_logits
+
+    spec = f"dummy:{tiny_config_path(preset, tmp_path)}"
+    engine = EngineCore(
+        EngineConfig(model=spec, device="cpu", block_size=4, num_blocks=64), show_progress=False
+    )
+    prompt = list(range(5, 45))
+    ours = _prompt_logits(engine, prompt)
+    theirs = reference_logits(engine, prompt)
+    assert torch.allclose(ours, theirs, atol=1e-4, rtol=0), (ours - theirs).abs().max()
+
+
+def _prompt_logits(core: EngineCore, prompt: list[int]) -> torch.Tensor:
+    from kvmesh.bench.reference import engine_logits
+
+    return engine_logits(core, prompt)
