@@ -21,7 +21,7 @@ from kvmesh.engine.errors import (
 )
 from kvmesh.engine.model import LlamaModel
 from kvmesh.engine.runner import ModelRunner, Sampled
-from kvmesh.engine.sampling import SamplerRow, TokenLogprob, make_generator
+from kvmesh.engine.sampling import SamplerRow, SamplingParams, TokenLogprob, make_generator
 from kvmesh.engine.scheduler import Scheduler
 from kvmesh.engine.sequence import SeqKind, Sequence
 from kvmesh.engine.types import (
@@ -270,6 +270,21 @@ class EngineCore:
             self.abort(request_id)
         log.error("engine step failed; requests dropped", error=repr(error), requests=len(failed))
         return failed
+
+    def warm_up(self) -> None:
+        """Run one throwaway request so the first real one does not pay one-time costs
+        (kernel selection, allocator growth). Leaves no trace in the cache, events or stats."""
+        caching, self.pool.enable_prefix_cache = self.pool.enable_prefix_cache, False
+        try:
+            prompt = tuple(range(1, min(2 * self.block_size, self.max_model_len - 2) + 1))
+            self.add(
+                GenerateRequest("kvmesh-warm-up", prompt, SamplingParams(2, 0.0, ignore_eos=True))
+            )
+            while self.has_work:
+                self.step()
+        finally:
+            self.pool.enable_prefix_cache = caching
+            self.stats = EngineStats()
 
     # -- introspection -------------------------------------------------------------------------
 

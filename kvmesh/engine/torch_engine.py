@@ -15,7 +15,7 @@ import queue
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import replace
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 
@@ -52,16 +52,19 @@ class TorchEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._warmed_up = threading.Event()
         self._load = self._core.load()
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Start the engine thread; returns once a warm-up request has run."""
         if self._thread is not None:
             return
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="kvmesh-engine", daemon=True)
         self._thread.start()
+        await asyncio.to_thread(self._warmed_up.wait)
 
     async def stop(self) -> None:
         if self._thread is None or self._stopping:
@@ -244,6 +247,11 @@ class TorchEngine:
     # -- the engine thread ---------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._core.warm_up()
+        except Exception:
+            log.exception("engine warm-up failed; serving anyway")
+        self._warmed_up.set()
         while not self._stopping:
             self._run_commands(wait=not self._core.has_work)
             if self._stopping:
@@ -296,3 +304,9 @@ class TorchEngine:
 
 def _request_id(output: StepOutput) -> str:
     return output.first.request_id if isinstance(output, PrefillOutput) else output.request_id
+
+
+if TYPE_CHECKING:  # TorchEngine implements the Engine protocol (checked by mypy)
+    from kvmesh.engine.protocol import Engine
+
+    _engine_protocol_check: type[Engine] = TorchEngine
