@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test setup model lint typecheck unit integration bench-engine check-accuracy clean
+.PHONY: run test setup model proto proto-check lint typecheck unit integration bench-engine check-accuracy clean
 
 run: model ## chat with the default model through the engine
 	$(BIN)/kvmesh chat
@@ -28,6 +28,12 @@ $(STAMP): pyproject.toml Makefile
 
 model: setup ## convert the default model once (cached under ~/.cache/kvmesh)
 	$(BIN)/kvmesh prepare
+
+proto: setup ## regenerate kvmesh/api/v1 from proto/kvmesh/v1
+	$(BIN)/python -m kvmesh.api.codegen
+
+proto-check: setup
+	$(BIN)/python -m kvmesh.api.codegen --check
 
 lint: setup
 	$(BIN)/ruff check kvmesh tests

@@ -193,6 +193,48 @@ def bench_engine(
     _emit(result.as_dict(), json_out)
 
 
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8500, show_default=True, help="the first datacenter's agent")
+@click.option(
+    "--datacenter",
+    "datacenters",
+    multiple=True,
+    default=("dc1",),
+    show_default=True,
+    help="repeat for several datacenters; each gets its own agent port (port+i)",
+)
+def registry(host: str, port: int, datacenters: tuple[str, ...]) -> None:
+    """Run the embedded Consul-compatible registry."""
+    from kvmesh.discovery.registry import run_registry
+
+    asyncio.run(run_registry(list(datacenters), host, port))
+
+
+@main.command("bench-registry")
+@click.option("--address", default=None, help="a running registry; default: start one")
+@click.option("--port", default=0, show_default=True, help="port of the registry to start")
+@click.option("--samples", default=200, show_default=True)
+@click.option("--concurrency", default=8, show_default=True)
+@click.option("--seconds", default=5.0, show_default=True)
+@click.option("--json-out", type=click.Path(path_type=Path), default=None)
+def bench_registry(
+    address: str | None,
+    port: int,
+    samples: int,
+    concurrency: int,
+    seconds: float,
+    json_out: Path | None,
+) -> None:
+    """Registry notification latency and throughput."""
+    from kvmesh.bench import registry as bench
+
+    result = asyncio.run(
+        bench.run(address, samples=samples, concurrency=concurrency, seconds=seconds, port=port)
+    )
+    _emit(result.as_dict(), json_out)
+
+
 def _emit(report: dict[str, Any], json_out: Path | None) -> None:
     text = json.dumps(report, indent=2, default=str)
     click.echo(text)

@@ -1,0 +1,155 @@
+"""`EmbeddedRegistry`: the registry's datacenters, one HTTP agent per datacenter, their checkers.
+
+    async with EmbeddedRegistry(["dc1", "dc2"], port=0) as registry:
+        consul.aio.Consul(host=..., port=...) # at registry.address("dc2")
+
+`run_registry` serves until cancelled or sent SIGINT/SIGTERM (the `kvmesh registry` command).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Sequence
+from types import TracebackType
+
+import structlog
+from aiohttp import web
+
+from kvmesh.discovery.registry.checks import CheckRunner
+from kvmesh.discovery.registry.errors import ListenError
+from kvmesh.discovery.registry.http import build_app
+from kvmesh.discovery.registry.state import RegistryState, validate_datacenter_names
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_PORT = 8500  # Consul's HTTP port
+_SHUTDOWN_GRACE_S = 2.0  # blocking queries are released first, so requests end quickly
+
+
+class EmbeddedRegistry:
+    """An in-process server of the subset of Consul's HTTP API that kvmesh uses.
+
+    Each datacenter gets its own agent: an HTTP listener whose /v1/agent endpoints act on that
+    datacenter. The first listens on `port`; the others on `port + i`, or on free ports when
+    `port` is 0. Catalog, health and KV endpoints of any agent reach every datacenter through
+    `?dc=`.
+    """
+
+    def __init__(
+        self,
+        datacenters: Sequence[str] = ("dc1",),
+        *,
+        host: str = "127.0.0.1",
+        port: int = DEFAULT_PORT,
+    ) -> None:
+        self._names = list(datacenters)
+        validate_datacenter_names(self._names)
+        if not 0 <= port <= 65535:
+            raise ValueError(f"invalid port {port}")
+        self._host = host
+        self._port = port
+        self._state: RegistryState | None = None
+        self._runners: list[web.AppRunner] = []
+        self._checkers: list[CheckRunner] = []
+        self._ports: dict[str, int] = {}
+
+    @property
+    def datacenters(self) -> list[str]:
+        return list(self._names)
+
+    def address(self, datacenter: str | None = None) -> str:
+        """ "host:port" of a datacenter's agent (the first datacenter's by default)."""
+        name = datacenter or self._names[0]
+        if name not in self._ports:
+            known = ", ".join(self._names)
+            raise KeyError(
+                f"no agent for datacenter {name!r} (started: {bool(self._ports)}; {known})"
+            )
+        host = _reachable(self._host)
+        host = f"[{host}]" if ":" in host else host
+        return f"{host}:{self._ports[name]}"
+
+    async def start(self) -> None:
+        if self._state is not None:
+            raise RuntimeError("the registry is already started")
+        state = RegistryState(self._names, _reachable(self._host))
+        self._state = state
+        try:
+            for i, dc in enumerate(state):
+                port = self._port + i if self._port else 0
+                runner = web.AppRunner(
+                    build_app(state, dc), access_log=None, shutdown_timeout=_SHUTDOWN_GRACE_S
+                )
+                await runner.setup()
+                self._runners.append(runner)
+                try:
+                    await web.TCPSite(runner, self._host, port).start()
+                except OSError as e:
+                    raise ListenError(
+                        f"datacenter {dc.name}: cannot listen on {self._host}:{port}: {e.strerror}"
+                    ) from e
+                self._ports[dc.name] = int(runner.addresses[0][1])
+                checker = CheckRunner(dc)
+                checker.start()
+                self._checkers.append(checker)
+        except BaseException:
+            await self.stop()
+            raise
+        for name in self._names:
+            log.info("registry agent started", datacenter=name, address=self.address(name))
+
+    async def stop(self) -> None:
+        """Release blocking queries, stop checks and listeners. Safe to call twice."""
+        if self._state is None:
+            return
+        self._state.close()
+        for checker in self._checkers:
+            await checker.stop()
+        for runner in self._runners:
+            await runner.cleanup()
+        self._state = None
+        self._runners.clear()
+        self._checkers.clear()
+        self._ports.clear()
+        log.info("registry stopped")
+
+    async def __aenter__(self) -> EmbeddedRegistry:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+
+async def run_registry(
+    datacenters: Sequence[str], host: str = "127.0.0.1", port: int = DEFAULT_PORT
+) -> None:
+    """Serve until cancelled, SIGINT or SIGTERM; print each agent's address on start."""
+    async with EmbeddedRegistry(datacenters, host=host, port=port) as registry:
+        for name in registry.datacenters:
+            print(f"kvmesh registry: {name} http://{registry.address(name)}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        handled = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            # Not available off the main thread or on Windows: then only cancellation stops us.
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, stop.set)
+                handled.append(sig)
+        try:
+            await stop.wait()
+        finally:
+            for sig in handled:
+                loop.remove_signal_handler(sig)
+
+
+def _reachable(host: str) -> str:
+    """An address clients can connect to for a listener bound to `host`."""
+    return {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)

@@ -1,0 +1,119 @@
+"""One way to open a client channel to a kvmesh service.
+
+Channels get keepalive and message-size settings, a service config that retries only
+idempotent unary methods on UNAVAILABLE (generation and other streams are never retried by the
+channel: the router decides, because it knows what the client has already seen), optional
+wait-for-ready, and an interceptor that forwards the caller's request id (from structlog's
+contextvars) as `x-request-id` metadata, so logs of every hop share it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+import structlog
+
+from kvmesh.rpc.interceptors import REQUEST_ID_KEY
+from kvmesh.rpc.server import MAX_MESSAGE_BYTES
+
+# Unary methods that are safe to send twice.
+IDEMPOTENT_METHODS: tuple[tuple[str, str], ...] = (
+    ("grpc.health.v1.Health", "Check"),
+    ("kvmesh.v1.Generation", "ListModels"),
+    ("kvmesh.v1.KvTransfer", "GetAgentMetadata"),
+    ("kvmesh.v1.KvTransfer", "ReleaseLease"),
+    ("kvmesh.v1.KvTransfer", "GetTransferStats"),
+    ("kvmesh.v1.Worker", "GetInfo"),
+    ("kvmesh.v1.Worker", "GetKvSnapshot"),
+    ("kvmesh.v1.Autoscaler", "GetPolicy"),
+    ("kvmesh.v1.Autoscaler", "ListDecisions"),
+    ("kvmesh.v1.ControlPlane", "ListClusters"),
+    ("kvmesh.v1.ControlPlane", "ListWorkers"),
+    ("kvmesh.v1.ControlPlane", "ListDeployments"),
+    ("kvmesh.v1.ControlPlane", "ListEvents"),
+)
+
+
+def service_config(*, wait_for_ready: bool, idempotent: Sequence[tuple[str, str]]) -> str:
+    retry = {
+        "maxAttempts": 4,
+        "initialBackoff": "0.05s",
+        "maxBackoff": "1s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE"],
+    }
+    configs: list[dict[str, Any]] = [
+        {
+            "name": [{"service": s, "method": m} for s, m in idempotent],
+            "retryPolicy": retry,
+            "waitForReady": wait_for_ready,
+        },
+        {"name": [{}], "waitForReady": wait_for_ready},  # everything else: no retries
+    ]
+    return json.dumps({"methodConfig": configs})
+
+
+def open_channel(
+    target: str,
+    *,
+    wait_for_ready: bool = True,
+    idempotent: Sequence[tuple[str, str]] = IDEMPOTENT_METHODS,
+    keepalive_time_s: float = 30.0,
+) -> grpc.aio.Channel:
+    """An insecure channel to `target` ("host:port"); close it with `await channel.close()`."""
+    options: list[tuple[str, Any]] = [
+        (
+            "grpc.service_config",
+            service_config(wait_for_ready=wait_for_ready, idempotent=idempotent),
+        ),
+        ("grpc.enable_retries", 1),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.keepalive_time_ms", int(keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+    return grpc.aio.insecure_channel(target, options=options, interceptors=_REQUEST_ID_INTERCEPTORS)
+
+
+def _with_request_id(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+    request_id = structlog.contextvars.get_contextvars().get("request_id")
+    if request_id is None:
+        return details
+    metadata = grpc.aio.Metadata(*(details.metadata or ()))
+    if REQUEST_ID_KEY not in metadata:
+        metadata.add(REQUEST_ID_KEY, str(request_id))
+    return grpc.aio.ClientCallDetails(
+        details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+    )
+
+
+class _UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(_with_request_id(details), request)
+
+
+class _UnaryStream(grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[type-arg]
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(_with_request_id(details), request)
+
+
+class _StreamUnary(grpc.aio.StreamUnaryClientInterceptor):  # type: ignore[type-arg]
+    async def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return await continuation(_with_request_id(details), requests)
+
+
+class _StreamStream(grpc.aio.StreamStreamClientInterceptor):  # type: ignore[type-arg]
+    async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return await continuation(_with_request_id(details), requests)
+
+
+_REQUEST_ID_INTERCEPTORS: list[Any] = [
+    _UnaryUnary(),
+    _UnaryStream(),
+    _StreamUnary(),
+    _StreamStream(),
+]
