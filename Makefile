@@ -36,8 +36,8 @@ proto-check: setup
 	$(BIN)/python -m kvmesh.api.codegen --check
 
 lint: setup
-	$(BIN)/ruff check kvmesh tests
-	$(BIN)/ruff format --check kvmesh tests
+	$(BIN)/ruff check --no-cache kvmesh tests
+	$(BIN)/ruff format --check --no-cache kvmesh tests
 
 typecheck: setup
 	$(BIN)/mypy

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 import aiohttp
+
 from kvmesh.discovery.registry import EmbeddedRegistry
 
 CONSUL = shutil.which("consul")
