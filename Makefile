@@ -5,9 +5,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test setup model proto proto-check lint typecheck unit integration bench-engine check-accuracy clean
+.PHONY: run chat test setup model proto proto-check lint typecheck unit integration e2e bench-engine check-accuracy clean
 
-run: model ## chat with the default model through the engine
+run: model ## start the whole mesh on the default model (Ctrl-C stops it)
+	$(BIN)/kvmesh up
+
+chat: model ## chat with the default model through the engine alone
 	$(BIN)/kvmesh chat
 
 test: setup lint typecheck ## lint, type-check and run every test
@@ -36,8 +39,8 @@ proto-check: setup
 	$(BIN)/python -m kvmesh.api.codegen --check
 
 lint: setup
-	$(BIN)/ruff check --no-cache kvmesh tests
-	$(BIN)/ruff format --check --no-cache kvmesh tests
+	$(BIN)/ruff check --no-cache kvmesh services tests
+	$(BIN)/ruff format --check --no-cache kvmesh services tests
 
 typecheck: setup
 	$(BIN)/mypy
@@ -47,6 +50,9 @@ unit: setup
 
 integration: setup
 	$(BIN)/pytest -m integration
+
+e2e: setup
+	$(BIN)/pytest -m e2e
 
 bench-engine: model ## engine vs transformers on CPU, as ratios
 	$(BIN)/kvmesh bench-engine

@@ -194,6 +194,58 @@ def bench_engine(
 
 
 @main.command()
+@click.option("--model", default="smollm2", show_default=True)
+@click.option("--prefill", "num_prefill", default=1, show_default=True, help="prefill workers")
+@click.option("--decode", "num_decode", default=1, show_default=True, help="decode workers")
+@click.option("--edge-port", default=8000, show_default=True)
+@click.option("--router-port", default=50051, show_default=True)
+@click.option("--registry-port", default=8500, show_default=True)
+@click.option(
+    "--device", default="auto", show_default=True, help="cpu, cuda (workers spread over GPUs)"
+)
+@click.option(
+    "--disagg-min-tokens",
+    default=64,
+    show_default=True,
+    help="prompts shorter than this are prefilled on the decode worker",
+)
+@click.option(
+    "--log-dir", type=click.Path(path_type=Path), default=Path(".kvmesh/logs"), show_default=True
+)
+def up(
+    model: str,
+    num_prefill: int,
+    num_decode: int,
+    edge_port: int,
+    router_port: int,
+    registry_port: int,
+    device: str,
+    disagg_min_tokens: int,
+    log_dir: Path,
+) -> None:
+    """Start the whole mesh on this machine: registry, workers, router, HTTP edge."""
+    from kvmesh.up import UpConfig, run
+
+    if num_decode < 1 or num_prefill < 0:
+        raise click.BadParameter("--decode must be at least 1 and --prefill at least 0")
+    config = UpConfig(
+        model=model,
+        num_prefill=num_prefill,
+        num_decode=num_decode,
+        edge_port=edge_port,
+        router_port=router_port,
+        registry_port=registry_port,
+        device=device,
+        disagg_min_tokens=disagg_min_tokens,
+        log_dir=log_dir,
+    )
+    try:
+        asyncio.run(run(config))
+    except RuntimeError as e:
+        raise click.ClickException(str(e)) from e
+
+
+@main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8500, show_default=True, help="the first datacenter's agent")
 @click.option(
@@ -233,6 +285,39 @@ def bench_registry(
         bench.run(address, samples=samples, concurrency=concurrency, seconds=seconds, port=port)
     )
     _emit(result.as_dict(), json_out)
+
+
+@main.command("bench-mesh")
+@click.option("--prompt-tokens", default=1024, show_default=True)
+@click.option("--max-tokens", default=32, show_default=True)
+@click.option("--requests", default=10, show_default=True, help="per way in")
+@click.option("--model", default="smollm2", show_default=True, help="e.g. dummy:llama-3.1-8b")
+@click.option("--device", default="cpu", show_default=True, help="cpu, or cuda: one GPU each")
+@click.option("--num-blocks", default=1024, show_default=True, help="KV blocks per worker")
+@click.option("--json-out", type=click.Path(path_type=Path), default=None)
+def bench_mesh(
+    prompt_tokens: int,
+    max_tokens: int,
+    requests: int,
+    model: str,
+    device: str,
+    num_blocks: int,
+    json_out: Path | None,
+) -> None:
+    """TTFT / ITL: disaggregated vs aggregated vs calling the decode worker directly."""
+    from kvmesh.bench import mesh as bench
+
+    result = asyncio.run(
+        bench.run(
+            prompt_tokens=prompt_tokens,
+            max_tokens=max_tokens,
+            requests=requests,
+            model=model,
+            device=device,
+            num_blocks=num_blocks,
+        )
+    )
+    _emit(result, json_out)
 
 
 def _emit(report: dict[str, Any], json_out: Path | None) -> None:

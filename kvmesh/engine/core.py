@@ -36,6 +36,7 @@ from kvmesh.engine.types import (
     TokenOutput,
     TransferMode,
 )
+from kvmesh.engine.validation import validate_request
 from kvmesh.kv.block_pool import BlockId, BlockPool
 from kvmesh.kv.cache import KvLayout, PagedKvCache
 from kvmesh.kv.events import KvEventLog
@@ -118,30 +119,13 @@ class EngineCore:
 
     def validate(self, request: GenerateRequest) -> None:
         """Raise InvalidRequestError if the request can never be served. Thread-safe."""
-        prompt = request.prompt_token_ids
-        if not prompt:
-            raise InvalidRequestError("prompt is empty")
-        vocab = self.model_config.vocab_size
-        bad = [t for t in prompt if not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequestError(
-                f"prompt has token ids outside the vocabulary [0, {vocab}): {bad[:5]}"
-            )
-        n, limit = len(prompt), self.max_model_len
-        if n >= limit:
-            raise InvalidRequestError(
-                f"prompt has {n} tokens; the context holds {limit} tokens including at least "
-                "one output token"
-            )
-        sampling = request.sampling
-        sampling.validate(vocab_size=vocab)
-        if n + sampling.max_tokens > limit:
-            raise InvalidRequestError(
-                f"prompt ({n} tokens) + max_tokens ({sampling.max_tokens}) exceeds the context "
-                f"of {limit} tokens"
-            )
-        if sampling.stop and self.tokenizer is None:
-            raise InvalidRequestError("stop strings need a tokenizer; this model has none")
+        validate_request(
+            request.prompt_token_ids,
+            request.sampling,
+            vocab_size=self.model_config.vocab_size,
+            max_model_len=self.max_model_len,
+            has_tokenizer=self.tokenizer is not None,
+        )
 
     def add(self, request: GenerateRequest, *, prefill_only: bool = False) -> None:
         self.validate(request)
@@ -164,7 +148,7 @@ class EngineCore:
         self.scheduler.remove(seq)
         seq.finish_reason = FinishReason.ABORT
         self.stats.num_requests_aborted += 1
-        self._publish_events()
+        self.publish_events()
         return self._output(seq, [], "")
 
     def release_export(self, request_id: str) -> None:
@@ -200,7 +184,7 @@ class EngineCore:
         seq.num_computed_tokens = seq.num_prompt_tokens
         seq.num_cached_tokens = seq.num_prompt_tokens
         self._imports[request.request_id] = seq
-        self._publish_events()  # allocation may have evicted cached blocks
+        self.publish_events()  # allocation may have evicted cached blocks
         return KvImportPlan(
             request_id=request.request_id,
             block_ids=tuple(seq.block_ids),
@@ -259,7 +243,7 @@ class EngineCore:
                 self._register_full_blocks(chunk.seq)
             outputs += [self._append_token(s.seq, s) for s in sampled]
             self.stats.num_steps += 1
-        self._publish_events()
+        self.publish_events()
         self._last_step_seconds = time.perf_counter() - started
         return outputs
 
@@ -427,7 +411,7 @@ class EngineCore:
             num_output_tokens=seq.num_output_tokens,
         )
 
-    def _publish_events(self) -> None:
+    def publish_events(self) -> None:
         events = self.pool.take_events()
         if events:
             self.kv_events.extend(events)

@@ -34,6 +34,7 @@ from kvmesh.engine.types import (
 )
 from kvmesh.kv.cache import PagedKvCache
 from kvmesh.kv.events import KvEventLog
+from kvmesh.kv.hashing import BlockHash
 from kvmesh.text.tokenizer import Tokenizer
 
 log = structlog.get_logger(__name__)
@@ -159,6 +160,15 @@ class TorchEngine:
 
     async def abort(self, request_id: str) -> None:
         await self._call(lambda: self._deliver_abort(request_id))
+
+    async def kv_snapshot(self) -> tuple[list[BlockHash], int]:
+        """The prefix cache's hashes and the id of the last event they include."""
+
+        def snapshot() -> tuple[list[BlockHash], int]:
+            self._core.publish_events()
+            return self._core.pool.cached_hashes(), self._core.kv_events.last_event_id
+
+        return await self._call(snapshot)
 
     async def is_idle_and_whole(self) -> bool:
         """Nothing in flight or pinned and every KV block free (for tests and drains)."""

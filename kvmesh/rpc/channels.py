@@ -75,6 +75,10 @@ def open_channel(
         ("grpc.keepalive_time_ms", int(keepalive_time_s * 1000)),
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
+        # gRPC's default reconnect backoff grows to 120 s: a peer back from an outage would
+        # stay unreachable that long. Mesh peers are local; retry quickly.
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 2000),
     ]
     return grpc.aio.insecure_channel(target, options=options, interceptors=_REQUEST_ID_INTERCEPTORS)
 

@@ -19,10 +19,9 @@ turns a failed call into an `RpcCallError` subclass named after its status.
 
 from __future__ import annotations
 
-import grpc
+import functools
 
-from kvmesh.engine import errors as engine
-from kvmesh.kv import errors as kv
+import grpc
 
 
 class AuthenticationError(Exception):
@@ -33,28 +32,36 @@ class AuthorizationError(Exception):
     """The caller is known but may not call this method."""
 
 
-# Most specific first: the first matching class decides.
-_STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
-    (engine.InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
-    (kv.InvalidTokenError, grpc.StatusCode.INVALID_ARGUMENT),
-    (engine.ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
-    (engine.ModelLoadError, grpc.StatusCode.FAILED_PRECONDITION),
-    (engine.UnknownRequestError, grpc.StatusCode.FAILED_PRECONDITION),
-    (kv.LayoutMismatchError, grpc.StatusCode.FAILED_PRECONDITION),
-    (engine.EngineOverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (kv.NoFreeBlocksError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (engine.EngineStoppedError, grpc.StatusCode.UNAVAILABLE),
-    (AuthenticationError, grpc.StatusCode.UNAUTHENTICATED),
-    (AuthorizationError, grpc.StatusCode.PERMISSION_DENIED),
-    (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
-)
+@functools.cache
+def _status_table() -> tuple[tuple[type[BaseException], grpc.StatusCode], ...]:
+    """Most specific first: the first matching class decides.
+
+    Imported on first use, so that clients of kvmesh.rpc (the edge) do not load the engine.
+    """
+    from kvmesh.engine import errors as engine
+    from kvmesh.kv import errors as kv
+
+    return (
+        (engine.InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
+        (kv.InvalidTokenError, grpc.StatusCode.INVALID_ARGUMENT),
+        (engine.ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
+        (engine.ModelLoadError, grpc.StatusCode.FAILED_PRECONDITION),
+        (engine.UnknownRequestError, grpc.StatusCode.FAILED_PRECONDITION),
+        (kv.LayoutMismatchError, grpc.StatusCode.FAILED_PRECONDITION),
+        (engine.EngineOverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (kv.NoFreeBlocksError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (engine.EngineStoppedError, grpc.StatusCode.UNAVAILABLE),
+        (AuthenticationError, grpc.StatusCode.UNAUTHENTICATED),
+        (AuthorizationError, grpc.StatusCode.PERMISSION_DENIED),
+        (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    )
 
 
 def status_of(exc: BaseException) -> grpc.StatusCode | None:
     """The status code for a kvmesh exception; None for an unexpected one (a bug: INTERNAL)."""
     if isinstance(exc, RpcCallError):  # a downstream call failed: pass its status on
         return exc.code
-    for cls, code in _STATUS_OF:
+    for cls, code in _status_table():
         if isinstance(exc, cls):
             return code
     return None

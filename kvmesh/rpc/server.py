@@ -70,6 +70,7 @@ class RpcServer:
             maximum_concurrent_rpcs=self.config.max_concurrent_rpcs,
         )
         self._stop_hooks: list[StopHook] = []
+        self._stop_hooks_ran = False
         self._stopping: asyncio.Task[None] | None = None
         self.port = 0
 
@@ -127,13 +128,20 @@ class RpcServer:
         if self._stopping is None:
             self._stopping = asyncio.ensure_future(self._stop(None))
 
-    async def _stop(self, grace_s: float | None) -> None:
-        await self._health.enter_graceful_shutdown()
+    async def run_stop_hooks(self) -> None:
+        """Run the stop hooks now (a drain deregisters before in-flight work ends); once."""
+        if self._stop_hooks_ran:
+            return
+        self._stop_hooks_ran = True
         for hook in self._stop_hooks:
             try:
                 await hook()
             except Exception:
                 log.exception("stop hook failed")
+
+    async def _stop(self, grace_s: float | None) -> None:
+        await self._health.enter_graceful_shutdown()
+        await self.run_stop_hooks()
         grace = self.config.grace_s if grace_s is None else grace_s
         await self._server.stop(grace)
         log.info("rpc server stopped", address=self.address)

@@ -64,9 +64,13 @@ async def run_service(
     spec: ServiceSpec,
     *,
     warm_up: Callable[[], Awaitable[None]] | None = None,
-    on_serving: Callable[[RpcServer], None] | None = None,
+    on_serving: Callable[[RpcServer, int | None], None] | None = None,
 ) -> None:
-    """Serve until SIGTERM / SIGINT, then stop gracefully."""
+    """Serve until SIGTERM / SIGINT, then stop gracefully.
+
+    `on_serving(server, metrics_port)` runs once the service is registered (processes print
+    their ready line there).
+    """
     metrics = start_metrics_server(spec.metrics_port) if spec.metrics_port is not None else None
     server = RpcServer(spec.services, spec.server, authenticator=spec.authenticator)
     server.stop_on_signals()
@@ -88,7 +92,7 @@ async def run_service(
             metrics_port=metrics.port if metrics else None,
         )
         if on_serving is not None:
-            on_serving(server)
+            on_serving(server, metrics.port if metrics else None)
         await server.wait_for_termination()
     finally:
         await server.stop()

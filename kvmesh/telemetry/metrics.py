@@ -6,7 +6,10 @@ only on counters, no colons. Services import the objects from here; nothing else
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 _LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -77,3 +80,90 @@ DISCOVERY_WATCH_ERRORS = Counter(
     "kvmesh_discovery_watch_errors_total", "Failed blocking queries (retried with backoff).",
     ["service"],
 )  # fmt: skip
+
+# -- engine (read from the engine's own counters at scrape time) --------------------------------
+ENGINE_COUNTERS = {  # metric name -> EngineStats field
+    "kvmesh_engine_computed_tokens_total": "num_computed_tokens",
+    "kvmesh_engine_prompt_tokens_total": "num_prompt_tokens",
+    "kvmesh_engine_prefix_hit_tokens_total": "num_prefix_hit_tokens",
+    "kvmesh_engine_imported_tokens_total": "num_imported_tokens",
+    "kvmesh_engine_generated_tokens_total": "num_generated_tokens",
+    "kvmesh_engine_preemptions_total": "num_preemptions",
+    "kvmesh_engine_requests_finished_total": "num_requests_finished",
+    "kvmesh_engine_requests_aborted_total": "num_requests_aborted",
+}
+ENGINE_GAUGES = {  # metric name -> LoadSnapshot field
+    "kvmesh_engine_running_requests": "num_running",
+    "kvmesh_engine_waiting_requests": "num_waiting",
+    "kvmesh_engine_kv_blocks_used": "num_blocks_used",
+    "kvmesh_engine_kv_blocks_total": "num_blocks_total",
+    "kvmesh_engine_kv_blocks_pinned": "num_blocks_pinned",
+}
+
+# -- workers: leases and KV transfer -------------------------------------------------------------
+WORKER_LEASES_ACTIVE = Gauge("kvmesh_worker_leases_active", "KV exports pinned under a lease.")
+WORKER_LEASES = Counter(
+    "kvmesh_worker_leases_total", "Leases ended, by how: released or expired.", ["outcome"]
+)
+
+# -- router: migration and retries ---------------------------------------------------------------
+ROUTER_MIGRATIONS = Counter(
+    "kvmesh_router_migrations_total",
+    "Requests moved to another decode worker after theirs failed mid-stream.",
+)
+ROUTER_PREFILL_RETRIES = Counter(
+    "kvmesh_router_prefill_retries_total", "Prefills retried on another worker."
+)
+ROUTER_REQUESTS = Counter(
+    "kvmesh_router_requests_total", "Generate requests by outcome.", ["path", "outcome"]
+)
+
+
+class EngineCollector:
+    """Exposes an engine's counters and load (anything with `.stats()` and `.load()`)."""
+
+    def __init__(self, engine: object, tier: str) -> None:
+        self._engine = engine
+        self._tier = tier
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._engine.stats()  # type: ignore[attr-defined]
+        load = self._engine.load()  # type: ignore[attr-defined]
+        for name, field in ENGINE_COUNTERS.items():
+            family = CounterMetricFamily(name.removesuffix("_total"), field, labels=["tier"])
+            family.add_metric([self._tier], getattr(stats, field))
+            yield family
+        for name, field in ENGINE_GAUGES.items():
+            gauge = GaugeMetricFamily(name, field, labels=["tier"])
+            gauge.add_metric([self._tier], getattr(load, field))
+            yield gauge
+
+
+# -- edge (services/edge: the HTTP/SSE OpenAI-compatible front door) ----------------------------
+# The edge has its own latency series: the TTFT / E2E histograms above are the router's, and an
+# edge observing into them would count each request twice wherever both run in one process.
+EDGE_HTTP_REQUESTS = Counter(
+    "kvmesh_edge_http_requests_total",
+    "HTTP requests answered by the edge, by route, method and status (499: the client left).",
+    ["route", "method", "status"],
+)
+EDGE_HTTP_REQUEST_SECONDS = Histogram(
+    "kvmesh_edge_http_request_seconds",
+    "Time from an HTTP request's arrival to its response's last byte (a stream's whole life).",
+    ["route"],
+    buckets=_LATENCY_BUCKETS,
+)
+EDGE_HTTP_REQUESTS_IN_FLIGHT = Gauge(
+    "kvmesh_edge_http_requests_in_flight", "HTTP requests being answered.", ["route"]
+)
+EDGE_TTFT_SECONDS = Histogram(
+    "kvmesh_edge_ttft_seconds",
+    "Time from a generation request's arrival at the edge to the router's first response.",
+    ["model"],
+    buckets=_LATENCY_BUCKETS,
+)
+EDGE_CANCELLED_GENERATIONS = Counter(
+    "kvmesh_edge_cancelled_generations_total",
+    "Generations given up because the client left or the edge stopped (gRPC call cancelled).",
+    ["route"],
+)

@@ -192,17 +192,34 @@ Global___GetAgentMetadataRequest: _TypeAlias = GetAgentMetadataRequest  # noqa: 
 
 @_typing.final
 class GetAgentMetadataResponse(_message.Message):
+    """Everything a peer needs to READ this worker's KV blocks over NIXL."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     AGENT_NAME_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     LAYOUT_FINGERPRINT_FIELD_NUMBER: _builtins.int
     BLOCK_SIZE_FIELD_NUMBER: _builtins.int
+    BASE_ADDRESS_FIELD_NUMBER: _builtins.int
+    BYTES_PER_BLOCK_FIELD_NUMBER: _builtins.int
+    NUM_BLOCKS_FIELD_NUMBER: _builtins.int
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    MEMORY_TYPE_FIELD_NUMBER: _builtins.int
+    WORKER_ID_FIELD_NUMBER: _builtins.int
     agent_name: _builtins.str
     metadata: _builtins.bytes
     """NIXL agent metadata (deserialized by NIXL with pickle: peers only)"""
     layout_fingerprint: _builtins.str
     block_size: _builtins.int
+    base_address: _builtins.int
+    """of the registered KV pool; block i starts at base + i * bytes"""
+    bytes_per_block: _builtins.int
+    num_blocks: _builtins.int
+    device_id: _builtins.int
+    """GPU index for VRAM, 0 for DRAM"""
+    memory_type: _builtins.str
+    """"DRAM" or "VRAM" """
+    worker_id: _builtins.str
     def __init__(
         self,
         *,
@@ -210,10 +227,16 @@ class GetAgentMetadataResponse(_message.Message):
         metadata: _builtins.bytes = ...,
         layout_fingerprint: _builtins.str = ...,
         block_size: _builtins.int = ...,
+        base_address: _builtins.int = ...,
+        bytes_per_block: _builtins.int = ...,
+        num_blocks: _builtins.int = ...,
+        device_id: _builtins.int = ...,
+        memory_type: _builtins.str = ...,
+        worker_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_name", b"agent_name", "block_size", b"block_size", "layout_fingerprint", b"layout_fingerprint", "metadata", b"metadata"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_name", b"agent_name", "base_address", b"base_address", "block_size", b"block_size", "bytes_per_block", b"bytes_per_block", "device_id", b"device_id", "layout_fingerprint", b"layout_fingerprint", "memory_type", b"memory_type", "metadata", b"metadata", "num_blocks", b"num_blocks", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -336,6 +359,8 @@ class WorkerInfo(_message.Message):
     ENGINE_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
     NIXL_AGENT_FIELD_NUMBER: _builtins.int
+    VOCAB_SIZE_FIELD_NUMBER: _builtins.int
+    GRPC_ADDRESS_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     tier: _common_pb2.Tier.ValueType
     model: _builtins.str
@@ -347,6 +372,8 @@ class WorkerInfo(_message.Message):
     """torch, tensorrt_llm"""
     device: _builtins.str
     nixl_agent: _builtins.str
+    vocab_size: _builtins.int
+    grpc_address: _builtins.str
     def __init__(
         self,
         *,
@@ -360,10 +387,12 @@ class WorkerInfo(_message.Message):
         engine: _builtins.str = ...,
         device: _builtins.str = ...,
         nixl_agent: _builtins.str = ...,
+        vocab_size: _builtins.int = ...,
+        grpc_address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "device", b"device", "engine", b"engine", "layout_fingerprint", b"layout_fingerprint", "max_model_len", b"max_model_len", "model", b"model", "nixl_agent", b"nixl_agent", "num_blocks", b"num_blocks", "tier", b"tier", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "device", b"device", "engine", b"engine", "grpc_address", b"grpc_address", "layout_fingerprint", b"layout_fingerprint", "max_model_len", b"max_model_len", "model", b"model", "nixl_agent", b"nixl_agent", "num_blocks", b"num_blocks", "tier", b"tier", "vocab_size", b"vocab_size", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -71,7 +71,7 @@ def main() -> None:
         metrics_port=None,
     )
 
-    def announce(server: Any) -> None:
+    def announce(server: Any, metrics_port: int | None) -> None:
         print(f"serving {server.address}", flush=True)
 
     asyncio.run(run_service(spec, on_serving=announce))

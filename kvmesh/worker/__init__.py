@@ -1,0 +1,1 @@
+"""Shared parts of every worker process (prefill and decode)."""

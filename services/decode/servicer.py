@@ -1,0 +1,129 @@
+"""`kvmesh.v1.Decode`: decode a request, its prompt KV read from a prefill worker or computed here.
+
+With a KvHandle: reserve local blocks for what this worker's prefix cache lacks, READ those
+blocks from the prefill worker over NIXL (the READ's notification releases the prefill's lease),
+then decode from the prefill's first token. Without one (the aggregated path, or a request
+migrating from a failed decode worker), prefill prompt + tokens generated so far here. If the
+prefill worker cannot be read (it died, its lease expired), fall back to computing locally:
+slower, never wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+import structlog
+
+from kvmesh.api.v1 import worker_pb2, worker_pb2_grpc
+from kvmesh.engine import GenerateRequest, SamplingParams, TokenOutput
+from kvmesh.engine.errors import InvalidRequestError
+from kvmesh.kv.errors import KvError
+from kvmesh.rpc import RpcCallError, ServiceBinding
+from kvmesh.telemetry import metrics
+from kvmesh.worker import convert
+from kvmesh.worker.leases import release_message
+from kvmesh.worker.peers import PeerDirectory
+from kvmesh.worker.runtime import WorkerRuntime
+
+log = structlog.get_logger(__name__)
+
+
+class DecodeServicer(worker_pb2_grpc.DecodeServicer):
+    def __init__(self, runtime: WorkerRuntime) -> None:
+        self._runtime = runtime
+        self._peers: PeerDirectory | None = None
+        self._background: set[asyncio.Task[None]] = set()
+
+    @property
+    def peers(self) -> PeerDirectory:
+        if self._peers is None:
+            self._peers = PeerDirectory(self._runtime.transfer)
+        return self._peers
+
+    async def Decode(
+        self, request: worker_pb2.DecodeRequest, context: Any
+    ) -> AsyncIterator[worker_pb2.DecodeResponse]:
+        if not request.request_id:
+            raise InvalidRequestError("request_id is required")
+        sampling = convert.sampling_from_proto(request.sampling)
+        generated = list(request.generated_token_ids)
+        if len(generated) >= sampling.max_tokens:
+            raise InvalidRequestError("generated_token_ids already reach max_tokens")
+        local_id = f"{request.request_id}#{uuid.uuid4().hex[:8]}"
+        outputs: AsyncIterator[TokenOutput] | None = None
+        transferred = 0
+        if request.HasField("kv_handle") and generated:
+            imported = await self._import(local_id, request, sampling, generated[0])
+            if imported is not None:
+                outputs, transferred = imported
+        if outputs is None:  # aggregated, migrated, or the prefill worker could not be read
+            prompt = (*request.prompt_token_ids, *generated)
+            params = replace(sampling, max_tokens=sampling.max_tokens - len(generated))
+            outputs = self._runtime.engine.generate(GenerateRequest(local_id, prompt, params))
+        first = True
+        async for out in outputs:
+            response = worker_pb2.DecodeResponse(
+                token_ids=out.token_ids,
+                logprobs=convert.logprobs_to_proto(out.logprobs),
+                finish_reason=convert.finish_to_proto(out.finish_reason),
+                stop_reason=convert.stop_reason_to_proto(out.stop_reason),
+            )
+            if first:
+                response.num_cached_tokens = out.num_cached_tokens
+                response.num_transferred_blocks = transferred
+                first = False
+            yield response
+
+    async def _import(
+        self,
+        local_id: str,
+        request: worker_pb2.DecodeRequest,
+        sampling: SamplingParams,
+        first_token: int,
+    ) -> tuple[AsyncIterator[TokenOutput], int] | None:
+        engine, handle = self._runtime.engine, request.kv_handle
+        try:
+            peer = await self.peers.peer(handle.worker_id, handle.grpc_address)
+        except (RpcCallError, KvError) as e:
+            log.warning("prefill worker unreachable; computing locally", error=str(e))
+            return None
+        engine_request = GenerateRequest(local_id, tuple(request.prompt_token_ids), sampling)
+        plan = await engine.reserve_import(engine_request, convert.handle_to_export(handle))
+        remote = list(handle.block_ids[plan.num_cached_blocks :])
+        try:
+            if remote:
+                started = time.perf_counter()
+                result = await self._runtime.transfer.read_blocks(
+                    peer, remote, plan.blocks_to_fill, notify=release_message(handle.request_id)
+                )
+                metrics.KV_TRANSFER_BYTES.labels("received").inc(result.num_bytes)
+                metrics.KV_TRANSFER_SECONDS.observe(time.perf_counter() - started)
+            else:  # everything was cached here: release the lease by RPC
+                self._spawn(self.peers.release_lease(handle.grpc_address, handle.request_id))
+        except KvError as e:
+            await engine.abort(local_id)
+            self.peers.forget(handle.worker_id)
+            log.warning("KV read failed; computing locally", error=str(e))
+            return None
+        except BaseException:
+            await engine.abort(local_id)
+            raise
+        return engine.generate_imported(plan, first_token), len(remote)
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+def binding(runtime: WorkerRuntime) -> ServiceBinding:
+    servicer = DecodeServicer(runtime)
+    return ServiceBinding(
+        worker_pb2.DESCRIPTOR.services_by_name["Decode"].full_name,
+        lambda server: worker_pb2_grpc.add_DecodeServicer_to_server(servicer, server),
+    )

@@ -1,0 +1,146 @@
+"""The edge's HTTP application: `create_app(config, generation_client)`.
+
+    POST /v1/chat/completions   chat, streamed (SSE) or not        -> Generation.Generate
+    POST /v1/completions        text or token ids, streamed or not -> Generation.Generate
+    GET  /v1/models             the router's models                -> Generation.ListModels
+    GET  /v1/models/{model}     one of them, or 404
+    GET  /health                200 only when a request can be served, else 503 and why
+    GET  /metrics               Prometheus text of this process's registry
+
+Every error, including unknown routes and methods, is answered in OpenAI's error shape.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from kvmesh.api.v1 import generation_pb2
+from services.edge.args import EdgeConfig
+from services.edge.client import GenerationClient
+from services.edge.errors import ApiError, ClientDisconnectedError
+from services.edge.generation import GenerationEndpoints, internal_error, log_api_error
+from services.edge.middleware import CLIENT_CLOSED_STATUS, RequestContextMiddleware
+
+log = structlog.get_logger(__name__)
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def create_app(config: EdgeConfig, generation_client: GenerationClient) -> Starlette:
+    generation = GenerationEndpoints(config, generation_client)
+    info = _InfoEndpoints(generation_client)
+    routes = [
+        Route("/v1/chat/completions", _answering(generation.chat_completions), methods=["POST"]),
+        Route("/v1/completions", _answering(generation.completions), methods=["POST"]),
+        Route("/v1/models", _answering(info.list_models), methods=["GET"]),
+        Route("/v1/models/{model:path}", _answering(info.get_model), methods=["GET"]),
+        Route("/health", _answering(info.health), methods=["GET"]),
+        Route("/metrics", _answering(info.metrics), methods=["GET"]),
+    ]
+    return Starlette(
+        routes=routes,
+        middleware=[Middleware(RequestContextMiddleware, routes=routes)],
+        exception_handlers={HTTPException: _http_exception},
+    )
+
+
+def _answering(endpoint: Endpoint) -> Endpoint:
+    """`endpoint`, with every failure turned into an answer (an OpenAI error body)."""
+
+    async def answer(request: Request) -> Response:
+        try:
+            return await endpoint(request)
+        except ApiError as e:
+            log_api_error(e)
+            return error_response(e)
+        except ClientDisconnectedError:
+            log.info("client left before its answer; generation cancelled")
+            return Response(status_code=CLIENT_CLOSED_STATUS)
+        except Exception:
+            log.exception("unexpected error")
+            return error_response(internal_error(request.state.request_id))
+
+    return answer
+
+
+def error_response(error: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404 / 405, in OpenAI's error shape."""
+    assert isinstance(exc, HTTPException)
+    error = ApiError(
+        exc.detail,
+        status=exc.status_code,
+        type="invalid_request_error",
+        code="not_found" if exc.status_code == 404 else "method_not_allowed",
+    )
+    return error_response(error, headers=dict(exc.headers or {}))
+
+
+class _InfoEndpoints:
+    def __init__(self, client: GenerationClient) -> None:
+        self._client = client
+        self._created = int(time.time())  # OpenAI's model cards have one; the router has none
+
+    async def list_models(self, request: Request) -> Response:
+        models = await self._client.list_models(request_id=request.state.request_id)
+        return JSONResponse({"object": "list", "data": [self._card(m) for m in models]})
+
+    async def get_model(self, request: Request) -> Response:
+        wanted = request.path_params["model"]
+        for model in await self._client.list_models(request_id=request.state.request_id):
+            if model.id == wanted:
+                return JSONResponse(self._card(model))
+        raise ApiError(
+            f"The model '{wanted}' does not exist",
+            status=404,
+            type="invalid_request_error",
+            param="model",
+            code="model_not_found",
+        )
+
+    def _card(self, model: generation_pb2.ModelInfo) -> dict[str, Any]:
+        return {
+            "id": model.id,
+            "object": "model",
+            "created": self._created,
+            "owned_by": "kvmesh",
+            "max_model_len": model.max_model_len,
+        }
+
+    async def health(self, request: Request) -> Response:
+        reason = await self._unready_reason(request.state.request_id)
+        if reason is None:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
+
+    async def _unready_reason(self, request_id: str) -> str | None:
+        """None when a generation can be served: the router is SERVING and has a decode worker."""
+        serving, reason = await self._client.is_serving()
+        if not serving:
+            return reason
+        try:
+            models = await self._client.list_models(request_id=request_id)
+        except ApiError as e:
+            return f"listing the router's models failed: {e.message}"
+        if not models:
+            return "the router serves no model"
+        if not any(m.num_decode_workers > 0 for m in models):
+            return "no model has a decode worker"
+        return None
+
+    async def metrics(self, request: Request) -> Response:
+        return Response(generate_latest(REGISTRY), headers={"content-type": CONTENT_TYPE_LATEST})

@@ -1,0 +1,9 @@
+import asyncio
+
+from kvmesh.telemetry import configure_logging
+from services.router import args
+from services.router.main import run_router
+
+config, log_level = args.parse()
+configure_logging(log_level)
+asyncio.run(run_router(config))

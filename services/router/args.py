@@ -1,0 +1,60 @@
+"""The router's command line, turned into a `RouterConfig`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class RouterConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    registry: str | None = None
+    model: str = "smollm2"  # the tokenizer and chat template come from the same source
+    disagg_min_tokens: int = 64  # shorter prompts are prefilled on the decode worker
+    prefill_retries: int = 2
+    prefill_timeout_s: float = 120.0
+    max_migrations: int = 3
+    default_max_tokens: int = 256
+    load_interval_ms: int = 100
+    metrics_port: int | None = 0
+    grace_s: float = 10.0
+
+
+def parse(argv: list[str] | None = None) -> tuple[RouterConfig, str]:
+    """The config and the log level."""
+    parser = argparse.ArgumentParser(prog="python -m services.router")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=50051, help="0: any free port")
+    parser.add_argument("--registry", default=os.environ.get("CONSUL_HTTP_ADDR"))
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument(
+        "--disagg-min-tokens",
+        type=int,
+        default=64,
+        help="prompts shorter than this are prefilled on the decode worker",
+    )
+    parser.add_argument("--prefill-retries", type=int, default=2)
+    parser.add_argument("--max-migrations", type=int, default=3)
+    parser.add_argument("--default-max-tokens", type=int, default=256)
+    parser.add_argument("--load-interval-ms", type=int, default=100)
+    parser.add_argument("--metrics-port", type=int, default=0, help="-1: no /metrics endpoint")
+    parser.add_argument("--grace-s", type=float, default=10.0)
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    config = RouterConfig(
+        host=args.host,
+        port=args.port,
+        registry=args.registry,
+        model=args.model,
+        disagg_min_tokens=args.disagg_min_tokens,
+        prefill_retries=args.prefill_retries,
+        max_migrations=args.max_migrations,
+        default_max_tokens=args.default_max_tokens,
+        load_interval_ms=args.load_interval_ms,
+        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        grace_s=args.grace_s,
+    )
+    return config, args.log_level

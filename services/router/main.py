@@ -1,0 +1,53 @@
+"""Wiring: discovery -> worker pool -> Generation servicer -> run_service."""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+
+from kvmesh.api.v1 import generation_pb2, generation_pb2_grpc
+from kvmesh.discovery import Discovery
+from kvmesh.engine import loader
+from kvmesh.rpc import RpcServer, ServerConfig, ServiceBinding
+from kvmesh.rpc.service import ServiceSpec, run_service
+from kvmesh.text import load_tokenizer
+from services.router.args import RouterConfig
+from services.router.pool import WorkerPool
+from services.router.servicer import GenerationServicer
+
+log = structlog.get_logger(__name__)
+
+
+async def run_router(config: RouterConfig) -> None:
+    source = await asyncio.to_thread(loader.resolve, config.model)
+    tokenizer = None
+    if source.tokenizer_dir is None:  # a dummy model at a shape no local tokenizer has
+        log.warning("model has no tokenizer: serving token ids only", model=source.model_id)
+    else:
+        tokenizer = await asyncio.to_thread(load_tokenizer, source.tokenizer_dir)
+    discovery = Discovery(config.registry)
+    pool = WorkerPool(discovery, load_interval_ms=config.load_interval_ms)
+    servicer = GenerationServicer(config, pool, tokenizer, source.model_id)
+    binding = ServiceBinding(
+        generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,
+        lambda server: generation_pb2_grpc.add_GenerationServicer_to_server(servicer, server),
+    )
+    spec = ServiceSpec(
+        role="router",
+        services=[binding],
+        server=ServerConfig(host=config.host, port=config.port, grace_s=config.grace_s),
+        registry=config.registry,
+        tags=[f"model={source.model_id}", "role=router"],
+        metrics_port=config.metrics_port,
+    )
+
+    def serving(server: RpcServer, metrics_port: int | None) -> None:
+        print(f"router serving {server.address} metrics_port={metrics_port}", flush=True)
+
+    await pool.start()
+    try:
+        await run_service(spec, on_serving=serving)
+    finally:
+        await pool.stop()
+        await discovery.close()

@@ -1,0 +1,148 @@
+"""The workers the router can use, kept current from discovery, with their load.
+
+Each worker gets a channel, its `WorkerInfo`, and a `WatchLoad` stream; the router also counts
+the requests it has sent to a worker and not yet finished (`in_flight`), which reacts at once,
+while load reports arrive every interval. Selection is load-aware: the fewest requests in
+flight and queued, then the fewest tokens in flight. (Cache-aware scoring comes next.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import grpc
+import structlog
+
+from kvmesh.api.v1 import worker_pb2, worker_pb2_grpc
+from kvmesh.discovery import Discovery, ServiceInstance
+from kvmesh.rpc import open_channel
+
+log = structlog.get_logger(__name__)
+
+TIERS = ("prefill", "decode")
+_FAILURE_COOLDOWN_S = 2.0
+
+
+@dataclass(eq=False, slots=True)
+class Worker:
+    worker_id: str
+    tier: str
+    address: str
+    channel: grpc.aio.Channel
+    info: worker_pb2.WorkerInfo | None = None
+    load: worker_pb2.LoadReport = field(default_factory=worker_pb2.LoadReport)
+    in_flight: int = 0
+    failed_at: float = -1e9
+    watcher: asyncio.Task[None] | None = None
+
+    @property
+    def prefill(self) -> worker_pb2_grpc.PrefillAsyncStub:
+        return worker_pb2_grpc.PrefillStub(self.channel)
+
+    @property
+    def decode(self) -> worker_pb2_grpc.DecodeAsyncStub:
+        return worker_pb2_grpc.DecodeStub(self.channel)
+
+    @property
+    def score(self) -> tuple[int, int]:
+        queued = self.load.num_running + self.load.num_waiting
+        return (self.in_flight + queued, self.load.num_tokens_in_flight)
+
+    def mark_failed(self) -> None:
+        self.failed_at = time.monotonic()
+
+    @property
+    def recently_failed(self) -> bool:
+        return time.monotonic() - self.failed_at < _FAILURE_COOLDOWN_S
+
+
+class WorkerPool:
+    def __init__(self, discovery: Discovery, *, load_interval_ms: int = 100) -> None:
+        self._discovery = discovery
+        self._load_interval_ms = load_interval_ms
+        self._workers: dict[str, dict[str, Worker]] = {tier: {} for tier in TIERS}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._changed = asyncio.Condition()
+
+    async def start(self) -> None:
+        for tier in TIERS:
+            self._tasks.append(asyncio.create_task(self._follow(tier), name=f"watch-{tier}"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for tier in TIERS:
+            for worker in list(self._workers[tier].values()):
+                await self._remove(worker)
+
+    def workers(self, tier: str) -> list[Worker]:
+        return [w for w in self._workers[tier].values() if w.info is not None]
+
+    def pick(self, tier: str, exclude: Iterable[str] = ()) -> Worker | None:
+        """The least loaded ready worker of `tier`, avoiding `exclude` and recent failures."""
+        excluded = set(exclude)
+        ready = [w for w in self.workers(tier) if w.worker_id not in excluded]
+        healthy = [w for w in ready if not w.recently_failed] or ready
+        return min(healthy, key=lambda w: w.score, default=None)
+
+    async def wait_for(self, tier: str, count: int = 1, timeout_s: float = 60.0) -> None:
+        async with self._changed:
+            await asyncio.wait_for(
+                self._changed.wait_for(lambda: len(self.workers(tier)) >= count), timeout_s
+            )
+
+    async def _follow(self, tier: str) -> None:
+        async for instances in self._discovery.watch(f"kvmesh-{tier}", wait_s=30):
+            await self._reconcile(tier, instances)
+
+    async def _reconcile(self, tier: str, instances: list[ServiceInstance]) -> None:
+        current = self._workers[tier]
+        seen = {i.meta.get("worker_id", i.service_id): i for i in instances}
+        for worker_id in list(current):
+            if worker_id not in seen:
+                log.info("worker left", tier=tier, worker_id=worker_id)
+                await self._remove(current.pop(worker_id))
+        for worker_id, instance in seen.items():
+            if worker_id not in current:
+                worker = Worker(
+                    worker_id,
+                    tier,
+                    instance.grpc_address,
+                    open_channel(instance.grpc_address, wait_for_ready=False),
+                )
+                current[worker_id] = worker
+                worker.watcher = asyncio.create_task(self._watch_load(worker))
+                log.info("worker joined", tier=tier, worker_id=worker_id, address=worker.address)
+        await self._notify()
+
+    async def _watch_load(self, worker: Worker) -> None:
+        stub = worker_pb2_grpc.WorkerStub(worker.channel)
+        while True:
+            try:
+                worker.info = await stub.GetInfo(worker_pb2.GetInfoRequest(), timeout=10)
+                await self._notify()
+                request = worker_pb2.WatchLoadRequest(interval_ms=self._load_interval_ms)
+                async for report in stub.WatchLoad(request):
+                    worker.load = report
+            except grpc.aio.AioRpcError as e:
+                log.debug("load stream broke", worker_id=worker.worker_id, error=e.details())
+            await asyncio.sleep(0.5)  # reconnect pause; discovery removes a dead worker
+
+    async def _remove(self, worker: Worker) -> None:
+        if worker.watcher is not None:
+            worker.watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker.watcher
+        await worker.channel.close(None)
+        await self._notify()
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()

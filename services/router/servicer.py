@@ -1,0 +1,279 @@
+"""`kvmesh.v1.Generation`: the request flow of the mesh.
+
+    tokenize -> validate -> pick a decode worker D
+    prompt long enough and a prefill worker free?  (conditional disaggregation)
+      yes: Prefill on P (retried on another P on failure) -> stream the first token at once
+           -> Decode on D with P's KvHandle (D reads the KV over NIXL)
+      no:  Decode on D without a handle (D prefills locally)
+    D fails mid-stream: migrate to another D with prompt + tokens so far (no duplicates, no gaps)
+
+Cancellation propagates: when the client goes away this handler is cancelled, which cancels
+the worker call in flight; a KV lease nobody will read is released at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import structlog
+
+from kvmesh.api.v1 import (
+    common_pb2,
+    generation_pb2,
+    generation_pb2_grpc,
+    worker_pb2,
+    worker_pb2_grpc,
+)
+from kvmesh.engine.errors import InvalidRequestError, ModelNotFoundError
+from kvmesh.engine.validation import validate_request
+from kvmesh.rpc.errors import RpcCallError, UnavailableError, from_rpc_error
+from kvmesh.telemetry import metrics
+from kvmesh.text import Tokenizer
+from kvmesh.worker import convert
+from services.router.args import RouterConfig
+from services.router.pool import WorkerPool
+from services.router.stream import RequestStream
+
+log = structlog.get_logger(__name__)
+
+# A decode worker failing with these is abandoned and the request migrates to another one.
+_MIGRATABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.ABORTED,
+}
+
+
+class GenerationServicer(generation_pb2_grpc.GenerationServicer):
+    def __init__(
+        self,
+        config: RouterConfig,
+        pool: WorkerPool,
+        tokenizer: Tokenizer | None,
+        model_id: str,
+    ) -> None:
+        self._config = config
+        self._pool = pool
+        self._tokenizer = tokenizer
+        self._model_id = model_id
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def ListModels(self, request: Any, context: Any) -> generation_pb2.ListModelsResponse:
+        decode = self._pool.workers("decode")
+        model = generation_pb2.ModelInfo(
+            id=self._model_id,
+            max_model_len=min((w.info.max_model_len for w in decode if w.info), default=0),
+            num_prefill_workers=len(self._pool.workers("prefill")),
+            num_decode_workers=len(decode),
+        )
+        return generation_pb2.ListModelsResponse(models=[model])
+
+    async def Generate(
+        self, request: generation_pb2.GenerateRequest, context: Any
+    ) -> AsyncIterator[generation_pb2.GenerateResponse]:
+        if request.model and request.model not in (self._model_id, self._config.model):
+            raise ModelNotFoundError(f"model {request.model!r} is not served here")
+        request_id = request.request_id or _current_request_id()
+        prompt = self._tokenize(request)
+        sampling = convert.sampling_from_proto(
+            request.sampling, default_max_tokens=self._config.default_max_tokens
+        )
+        if sampling.stop and self._tokenizer is None:
+            raise InvalidRequestError("stop strings need a tokenizer; this model has none here")
+        vocab_size, max_model_len = self._limits()
+        validate_request(prompt, sampling, vocab_size=vocab_size, max_model_len=max_model_len)
+        stream = RequestStream(
+            request_id, prompt, sampling, self._tokenizer, return_token_ids=request.return_token_ids
+        )
+        handle: common_pb2.KvHandle | None = None
+        path = "aggregated"
+        try:
+            if len(prompt) >= self._config.disagg_min_tokens and self._pool.workers("prefill"):
+                prefilled = await self._prefill(stream)
+                if prefilled is not None:
+                    path = "disaggregated"
+                    first = stream.add(
+                        [prefilled.first_token_id],
+                        [prefilled.first_logprob] if prefilled.HasField("first_logprob") else [],
+                        prefilled.finish_reason,
+                        prefilled.stop_reason,
+                    )
+                    if first is not None:
+                        yield first
+                    if prefilled.HasField("kv_handle"):
+                        handle = prefilled.kv_handle
+            if not stream.finished:
+                async for response in self._decode(stream, handle):
+                    handle = None  # handed to a decode worker, which releases it
+                    yield response
+                handle = None
+            metrics.ROUTER_REQUESTS.labels(path, "ok").inc()
+        except BaseException:
+            metrics.ROUTER_REQUESTS.labels(path, "error").inc()
+            raise
+        finally:
+            if handle is not None:  # prefilled KV nobody will read: free it now
+                self._spawn(self._release(handle))
+
+    # -- the steps ---------------------------------------------------------------------------------
+
+    async def _prefill(self, stream: RequestStream) -> worker_pb2.PrefillResponse | None:
+        """Prefill on the least loaded worker, retrying others; None: fall back to aggregated."""
+        tried: set[str] = set()
+        request = worker_pb2.PrefillRequest(
+            request_id=stream.request_id,
+            prompt_token_ids=stream.prompt,
+            sampling=convert.sampling_to_proto(stream.sampling),
+        )
+        for attempt in range(1 + self._config.prefill_retries):
+            worker = self._pool.pick("prefill", exclude=tried)
+            if worker is None:
+                return None
+            tried.add(worker.worker_id)
+            worker.in_flight += 1
+            try:
+                started = asyncio.get_running_loop().time()
+                response: worker_pb2.PrefillResponse = await worker.prefill.Prefill(
+                    request, timeout=self._config.prefill_timeout_s
+                )
+                stream.prefill_s = asyncio.get_running_loop().time() - started
+                stream.cached_prompt_tokens = response.num_cached_tokens
+                return response
+            except grpc.aio.AioRpcError as e:
+                if e.code() not in _MIGRATABLE | {grpc.StatusCode.DEADLINE_EXCEEDED}:
+                    raise from_rpc_error(e) from e
+                worker.mark_failed()
+                metrics.ROUTER_PREFILL_RETRIES.inc()
+                log.warning(
+                    "prefill failed; trying another worker",
+                    worker_id=worker.worker_id,
+                    attempt=attempt,
+                    error=e.details(),
+                )
+            finally:
+                worker.in_flight -= 1
+        return None
+
+    async def _decode(
+        self, stream: RequestStream, handle: common_pb2.KvHandle | None
+    ) -> AsyncIterator[generation_pb2.GenerateResponse]:
+        failed: set[str] = set()
+        while True:
+            worker = self._pool.pick("decode", exclude=failed)
+            if worker is None:
+                raise UnavailableError("no decode worker is available")
+            request = worker_pb2.DecodeRequest(
+                request_id=stream.request_id,
+                prompt_token_ids=stream.prompt,
+                generated_token_ids=stream.generated,
+                sampling=convert.sampling_to_proto(stream.sampling),
+            )
+            if handle is not None:
+                request.kv_handle.CopyFrom(handle)
+            worker.in_flight += 1
+            call = worker.decode.Decode(request)
+            try:
+                first = True
+                async for message in call:
+                    if first and handle is None:  # aggregated: the decode worker prefilled
+                        stream.cached_prompt_tokens = max(
+                            stream.cached_prompt_tokens, message.num_cached_tokens
+                        )
+                    first = False
+                    response = stream.add(
+                        message.token_ids,
+                        message.logprobs,
+                        message.finish_reason,
+                        message.stop_reason,
+                    )
+                    if response is not None:
+                        yield response
+                    if stream.finished:
+                        return
+                raise _StreamEnded()
+            except (grpc.aio.AioRpcError, _StreamEnded) as e:
+                if isinstance(e, grpc.aio.AioRpcError) and e.code() not in _MIGRATABLE:
+                    raise from_rpc_error(e) from e
+                worker.mark_failed()
+                failed.add(worker.worker_id)
+                handle = None  # the new worker prefills prompt + tokens so far itself
+                stream.migrations += 1
+                if stream.migrations > self._config.max_migrations:
+                    raise UnavailableError("decode failed on every worker tried") from e
+                metrics.ROUTER_MIGRATIONS.inc()
+                log.warning(
+                    "decode worker failed mid-stream; migrating",
+                    worker_id=worker.worker_id,
+                    generated=len(stream.generated),
+                    error=str(e.details() if isinstance(e, grpc.aio.AioRpcError) else e),
+                )
+            finally:
+                call.cancel()
+                worker.in_flight -= 1
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    def _tokenize(self, request: generation_pb2.GenerateRequest) -> list[int]:
+        which = request.WhichOneof("input")
+        if which == "token_ids":
+            return list(request.token_ids.ids)
+        if which not in ("text", "chat"):
+            raise InvalidRequestError("one of text, chat or token_ids is required")
+        tokenizer = self._tokenizer
+        if tokenizer is None:
+            raise InvalidRequestError(
+                f"model {self._model_id!r} has no tokenizer here: send token_ids, not {which}"
+            )
+        if which == "text":
+            return tokenizer.encode(request.text, add_special_tokens=True)
+        messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+        if not messages:
+            raise InvalidRequestError("messages must not be empty")
+        try:
+            return tokenizer.apply_chat_template(messages)  # type: ignore[arg-type]
+        except Exception as e:  # the template rejects what it cannot render
+            raise InvalidRequestError(f"cannot apply the chat template: {e}") from e
+
+    def _limits(self) -> tuple[int, int]:
+        infos = [w.info for w in self._pool.workers("decode") if w.info is not None]
+        if not infos:
+            raise UnavailableError("no decode worker is available")
+        return min(i.vocab_size for i in infos), min(i.max_model_len for i in infos)
+
+    async def _release(self, handle: common_pb2.KvHandle) -> None:
+        worker = next(
+            (w for w in self._pool.workers("prefill") if w.worker_id == handle.worker_id), None
+        )
+        if worker is None:
+            return
+        stub = worker_pb2_grpc.KvTransferStub(worker.channel)
+        try:
+            await stub.ReleaseLease(
+                worker_pb2.ReleaseLeaseRequest(request_id=handle.request_id), timeout=5
+            )
+        except grpc.aio.AioRpcError as e:
+            log.warning("lease release failed; it will expire", error=e.details())
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+class _StreamEnded(RpcCallError):
+    """A decode stream closed without a finished message (its worker went away)."""
+
+    def __init__(self) -> None:
+        super().__init__("decode stream ended before the request finished")
+
+
+def _current_request_id() -> str:
+    bound = structlog.contextvars.get_contextvars().get("request_id")
+    return str(bound) if bound else uuid.uuid4().hex

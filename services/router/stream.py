@@ -1,0 +1,110 @@
+"""One request's output as the router streams it: tokens in, text deltas and usage out.
+
+Tokens arrive from the prefill worker (the first) and from one or more decode workers (the rest,
+across migrations); the router keeps everything generated so far (a migrated request continues
+from it), detokenizes incrementally, and cuts the text at a stop string the same way the engine
+does. Without a tokenizer (a model served as token ids only) the text stays empty.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from kvmesh.api.v1 import common_pb2, generation_pb2
+from kvmesh.engine.sampling import SamplingParams
+from kvmesh.text import IncrementalDetokenizer, Tokenizer
+
+
+class RequestStream:
+    def __init__(
+        self,
+        request_id: str,
+        prompt: Sequence[int],
+        sampling: SamplingParams,
+        tokenizer: Tokenizer | None,
+        *,
+        return_token_ids: bool,
+    ) -> None:
+        self.request_id = request_id
+        self.prompt = list(prompt)
+        self.sampling = sampling
+        self.generated: list[int] = []
+        self.finish_reason: common_pb2.FinishReason.ValueType = common_pb2.FINISH_REASON_UNSPECIFIED
+        self.stop_reason = ""
+        self.cached_prompt_tokens = 0
+        self.migrations = 0
+        self._tokenizer = tokenizer
+        self._detokenizer = (
+            IncrementalDetokenizer(tokenizer, stop=sampling.stop) if tokenizer else None
+        )
+        self._return_token_ids = return_token_ids
+        self._started = time.perf_counter()
+        self._first_token_s: float | None = None
+        self.prefill_s = 0.0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
+
+    def add(
+        self,
+        token_ids: Sequence[int],
+        logprobs: Sequence[common_pb2.TokenLogprob],
+        finish_reason: common_pb2.FinishReason.ValueType,
+        stop_reason: str,
+    ) -> generation_pb2.GenerateResponse | None:
+        """Take a worker's message; the response to stream, or None when there is nothing new."""
+        if self.finished:
+            return None
+        if token_ids and self._first_token_s is None:
+            self._first_token_s = time.perf_counter() - self._started
+        self.generated += token_ids
+        text, stopped_on = "", None
+        if self._detokenizer is not None:
+            text, stopped_on = self._detokenizer.add(token_ids), self._detokenizer.stopped_on
+        if stopped_on is not None:  # the router saw the stop string
+            finish_reason, stop_reason = common_pb2.FINISH_REASON_STOP, stopped_on
+        if finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+            if self._detokenizer is not None and stopped_on is None:
+                text += self._detokenizer.flush()
+            self.finish_reason, self.stop_reason = finish_reason, stop_reason
+        if not (text or token_ids or self.finished):
+            return None
+        response = generation_pb2.GenerateResponse(
+            request_id=self.request_id,
+            text=text,
+            logprobs=[self._with_text(lp) for lp in logprobs],
+            finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
+        )
+        if self._return_token_ids:
+            response.token_ids.extend(token_ids)
+        if self.finished:
+            response.usage.CopyFrom(self.usage())
+            response.timings.CopyFrom(self.timings())
+        return response
+
+    def _with_text(self, logprob: common_pb2.TokenLogprob) -> common_pb2.TokenLogprob:
+        named = common_pb2.TokenLogprob()
+        named.CopyFrom(logprob)
+        if self._tokenizer is None:
+            return named
+        named.text = self._tokenizer.decode([logprob.token_id], skip_special_tokens=False)
+        for top in named.top:
+            top.text = self._tokenizer.decode([top.token_id], skip_special_tokens=False)
+        return named
+
+    def usage(self) -> common_pb2.Usage:
+        return common_pb2.Usage(
+            prompt_tokens=len(self.prompt),
+            completion_tokens=len(self.generated),
+            cached_prompt_tokens=self.cached_prompt_tokens,
+        )
+
+    def timings(self) -> common_pb2.Timings:
+        return common_pb2.Timings(
+            prefill_s=self.prefill_s,
+            first_token_s=self._first_token_s or 0.0,
+            total_s=time.perf_counter() - self._started,
+        )

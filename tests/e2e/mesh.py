@@ -1,0 +1,85 @@
+"""Start the real mesh (`kvmesh.up.Mesh`) on free ports for end-to-end tests."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import aiohttp
+import grpc
+
+from kvmesh.rpc import open_channel
+from kvmesh.up import Child, Mesh, UpConfig
+
+_METRIC_LINE = re.compile(r"^(?P<name>[a-zA-Z_:][\w:]*)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)$")
+
+
+@asynccontextmanager
+async def running_mesh(
+    tmp_path: Path,
+    *,
+    num_prefill: int = 1,
+    num_decode: int = 1,
+    disagg_min_tokens: int = 0,
+    worker_args: list[str] | None = None,
+) -> AsyncIterator[Mesh]:
+    config = UpConfig(
+        num_prefill=num_prefill,
+        num_decode=num_decode,
+        registry_port=0,
+        router_port=0,
+        edge_port=0,
+        device="cpu",
+        disagg_min_tokens=disagg_min_tokens,
+        log_dir=tmp_path / "logs",
+        extra_worker_args=["--num-blocks", "512", *(worker_args or [])],
+    )
+    mesh = Mesh(config)
+    try:
+        await mesh.start()
+        yield mesh
+    finally:
+        await mesh.stop()
+
+
+def children(mesh: Mesh, tier: str) -> list[Child]:
+    return [c for c in mesh.children if c.name.startswith(f"{tier}-")]
+
+
+def metrics_port(child: Child) -> int:
+    return int(child.ready_line.rsplit("metrics_port=", 1)[1])
+
+
+async def scrape(port: int) -> dict[str, float]:
+    """Prometheus samples as {"name{labels}": value}."""
+    url = f"http://127.0.0.1:{port}/metrics"
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        text = await response.text()
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        match = _METRIC_LINE.match(line)
+        if match and not line.startswith("#"):
+            key = match["name"] + (f"{{{match['labels']}}}" if match["labels"] else "")
+            samples[key] = float(match["value"])
+    return samples
+
+
+async def metric(child: Child, name: str) -> float:
+    """The sum of a metric's samples on one child (all label sets)."""
+    samples = await scrape(metrics_port(child))
+    return sum(v for k, v in samples.items() if k == name or k.startswith(name + "{"))
+
+
+def grpc_address(child: Child) -> str:
+    return child.ready_line.split()[2]
+
+
+@asynccontextmanager
+async def grpc_channel(child: Child) -> AsyncIterator[grpc.aio.Channel]:
+    channel = open_channel(grpc_address(child))
+    try:
+        yield channel
+    finally:
+        await channel.close(None)

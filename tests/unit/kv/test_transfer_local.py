@@ -1,0 +1,199 @@
+"""Two NIXL agents in one process, over UCX loopback: blocks, notifications, errors, counters."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+import torch
+
+from kvmesh.kv import (
+    KvLayout,
+    KvTransferAgent,
+    LayoutMismatchError,
+    PagedKvCache,
+    TransferError,
+)
+
+LAYOUT = KvLayout(num_layers=2, num_kv_heads=2, head_dim=8, block_size=4, dtype=torch.float32)
+NUM_BLOCKS = 16
+
+
+def _agent(role: str, *, seed: int | None = None, progress_thread: bool = False) -> KvTransferAgent:
+    cache = PagedKvCache(LAYOUT, NUM_BLOCKS, torch.device("cpu"))
+    if seed is not None:
+        cache.tensor.copy_(
+            torch.randn(cache.tensor.shape, generator=torch.Generator().manual_seed(seed))
+        )
+    return KvTransferAgent(f"{role}-{uuid.uuid4().hex[:8]}", cache, progress_thread=progress_thread)
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[tuple[KvTransferAgent, KvTransferAgent]]:
+    """(reader, source), both served; the source's blocks hold random values, the reader's zeros.
+
+    Without a progress thread a READ completes only while the owner is progressed: `serve()`
+    runs as a task on this same loop while the reader awaits.
+    """
+    reader, source = _agent("decode"), _agent("prefill", seed=7)
+    reader.add_peer(source.region())
+    source.add_peer(reader.region())
+    serving = [asyncio.create_task(agent.serve()) for agent in (reader, source)]
+    yield reader, source
+    reader.close()
+    source.close()
+    await asyncio.wait_for(asyncio.gather(*serving), timeout=5)  # serve() ends on close()
+
+
+def _bytes(cache: PagedKvCache, block_ids: list[int]) -> bytes:
+    return cache.tensor[block_ids].contiguous().view(torch.uint8).numpy().tobytes()
+
+
+async def test_read_copies_scattered_blocks_byte_for_byte(
+    pair: tuple[KvTransferAgent, KvTransferAgent],
+) -> None:
+    reader, source = pair
+    remote, local = [3, 9, 0, 15], [7, 1, 12, 4]
+
+    result = await reader.read_blocks(source.name, remote, local)
+
+    assert _bytes(reader.kv_cache, local) == _bytes(source.kv_cache, remote)
+    untouched = [b for b in range(NUM_BLOCKS) if b not in local]
+    assert not reader.kv_cache.tensor[untouched].any()
+    assert (result.num_blocks, result.num_bytes) == (4, 4 * LAYOUT.bytes_per_block)
+    assert result.seconds > 0
+
+
+async def test_reads_work_in_both_directions(
+    pair: tuple[KvTransferAgent, KvTransferAgent],
+) -> None:
+    reader, source = pair
+    await reader.read_blocks(source.name, [5], [2])
+    await source.read_blocks(reader.name, [2], [11])
+    assert _bytes(source.kv_cache, [11]) == _bytes(source.kv_cache, [5])
+
+
+async def test_notification_reaches_the_source_after_the_read(
+    pair: tuple[KvTransferAgent, KvTransferAgent],
+) -> None:
+    reader, source = pair
+    await reader.read_blocks(source.name, [1, 2], [3, 4], notify=b"release:req-1")
+
+    assert await source.wait_notifications(timeout_s=10) == [(reader.name, b"release:req-1")]
+    assert source.take_notifications() == []
+
+
+async def test_empty_read_returns_at_once_and_still_delivers_its_notification(
+    pair: tuple[KvTransferAgent, KvTransferAgent],
+) -> None:
+    reader, source = pair
+    assert (await reader.read_blocks("nobody", [], [])).num_blocks == 0
+
+    result = await reader.read_blocks(source.name, [], [], notify=b"release:cached")
+
+    assert (result.num_blocks, result.num_bytes) == (0, 0)
+    assert await source.wait_notifications(timeout_s=10) == [(reader.name, b"release:cached")]
+    assert reader.stats.transfers == 0
+
+
+async def test_stats_count_completed_reads(
+    pair: tuple[KvTransferAgent, KvTransferAgent],
+) -> None:
+    reader, source = pair
+    await reader.read_blocks(source.name, [0, 1, 2], [0, 1, 2])
+    await reader.read_blocks(source.name, [8], [9])
+
+    stats = reader.stats
+    assert (stats.transfers, stats.blocks_read) == (2, 4)
+    assert stats.bytes_read == 4 * LAYOUT.bytes_per_block
+    assert stats.seconds > 0 and stats.failures == 0
+    assert source.stats.bytes_read == 0
+
+
+def test_add_peer_is_idempotent(pair: tuple[KvTransferAgent, KvTransferAgent]) -> None:
+    reader, source = pair
+    assert reader.add_peer(source.region()) == source.name
+    assert reader.peers == (source.name,)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"layout_fingerprint": "kvmesh-kv/v1:LT2HD:L2:H2:D8:B4:bf16"},
+        {"block_size": 8},
+        {"bytes_per_block": LAYOUT.bytes_per_block * 2},
+    ],
+)
+def test_add_peer_refuses_another_layout(change: dict[str, object]) -> None:
+    with _agent("decode") as reader, _agent("prefill") as source:
+        region = dataclasses.replace(source.region(), **change)
+        with pytest.raises(LayoutMismatchError):
+            reader.add_peer(region)
+        assert reader.peers == ()
+
+
+def test_add_peer_refuses_a_real_cache_of_another_layout() -> None:
+    other = KvLayout(2, 2, 8, 4, torch.bfloat16)
+    with (
+        _agent("decode") as reader,
+        KvTransferAgent(
+            f"bf16-{uuid.uuid4().hex[:8]}", PagedKvCache(other, 4, torch.device("cpu"))
+        ) as source,
+        pytest.raises(LayoutMismatchError),
+    ):
+        reader.add_peer(source.region())
+
+
+def test_add_peer_refuses_blocks_outside_the_peers_registered_memory() -> None:
+    with _agent("decode") as reader, _agent("prefill") as source:
+        region = dataclasses.replace(source.region(), num_blocks=NUM_BLOCKS * 2)
+        with pytest.raises(TransferError):
+            reader.add_peer(region)
+        assert reader.peers == ()
+
+
+async def test_reading_from_an_unknown_peer_raises(
+    pair: tuple[KvTransferAgent, KvTransferAgent],
+) -> None:
+    reader, source = pair
+    with pytest.raises(TransferError, match="unknown peer"):
+        await reader.read_blocks("nobody", [0], [0])
+    reader.remove_peer(source.name)
+    reader.remove_peer(source.name)
+    with pytest.raises(TransferError, match="unknown peer"):
+        await reader.read_blocks(source.name, [0], [0])
+
+
+async def test_invalid_block_ids_are_refused_before_any_transfer(
+    pair: tuple[KvTransferAgent, KvTransferAgent],
+) -> None:
+    reader, source = pair
+    for remote, local in [([0, 1], [0]), ([NUM_BLOCKS], [0]), ([0], [-1]), ([0, 1], [2, 2])]:
+        with pytest.raises(ValueError, match="block"):
+            await reader.read_blocks(source.name, remote, local)
+    assert reader.stats.transfers == 0
+
+
+async def test_close_is_idempotent_and_final() -> None:
+    agent = _agent("decode")
+    agent.close()
+    agent.close()
+    with pytest.raises(TransferError, match="closed"):
+        agent.region()
+    with pytest.raises(TransferError, match="closed"):
+        await agent.read_blocks("anyone", [0], [0])
+
+
+async def test_with_progress_threads_reads_need_no_serve() -> None:
+    with (
+        _agent("decode", progress_thread=True) as reader,
+        _agent("prefill", seed=3, progress_thread=True) as source,
+    ):
+        reader.add_peer(source.region())
+        await reader.read_blocks(source.name, [6, 2], [0, 5], notify=b"threaded", timeout_s=10)
+
+        assert _bytes(reader.kv_cache, [0, 5]) == _bytes(source.kv_cache, [6, 2])
+        assert await source.wait_notifications(timeout_s=10) == [(reader.name, b"threaded")]
