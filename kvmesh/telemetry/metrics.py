@@ -64,7 +64,39 @@ PREFIX_HIT_RATIO = Gauge(
 
 # -- router --------------------------------------------------------------------------------------
 ROUTER_DECISIONS = Counter(
-    "kvmesh_router_decisions_total", "Routing decisions, by tier and reason.", ["tier", "reason"]
+    "kvmesh_router_decisions_total",
+    "Routing decisions, by tier, policy and reason (prefix hit, load, bounded-load guard).",
+    ["tier", "policy", "reason"],
+)
+ROUTER_DECISION_SECONDS = Histogram(
+    "kvmesh_router_decision_seconds",
+    "Time to choose a worker (hashing the prompt and scoring the candidates).",
+    ["tier"],
+    buckets=(1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1),
+)
+ROUTER_PREFIX_BLOCKS = Counter(
+    "kvmesh_router_prefix_blocks_total",
+    "Full prompt blocks routed, and those the chosen worker held already (the index's view).",
+    ["tier", "kind"],  # kind: prompt | hit
+)
+ROUTER_KV_INDEX_ENTRIES = Gauge(
+    "kvmesh_router_kv_index_entries", "(worker, block) pairs in the router's prefix index."
+)
+ROUTER_KV_INDEX_BLOCKS = Gauge(
+    "kvmesh_router_kv_index_blocks", "Distinct block hashes in the router's prefix index."
+)
+ROUTER_KV_INDEX_EXACT = Gauge(
+    "kvmesh_router_kv_index_exact",
+    "1 while a worker is indexed from its KV events, 0 while indexed approximately.",
+    ["worker_id"],
+)
+ROUTER_KV_INDEX_FALLBACKS = Counter(
+    "kvmesh_router_kv_index_fallbacks_total",
+    "Times a worker's index fell back to approximate (its events broke, stalled or are absent).",
+    ["reason"],
+)
+ROUTER_KV_EVENT_GAPS = Counter(
+    "kvmesh_router_kv_event_gaps_total", "KV event gaps seen, each followed by a resync."
 )
 
 # -- autoscaler ----------------------------------------------------------------------------------

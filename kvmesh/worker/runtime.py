@@ -45,6 +45,7 @@ class WorkerConfig:
     metrics_port: int | None = 0
     torch_threads: int = 0  # 0: PyTorch's default
     grace_s: float = 10.0
+    kv_events: bool = True  # publish KV events for routers' prefix indexes
 
 
 def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,6 +71,12 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int, default=0, help="-1: no /metrics endpoint")
     parser.add_argument("--torch-threads", type=int, default=0)
     parser.add_argument("--grace-s", type=float, default=10.0)
+    parser.add_argument(
+        "--no-kv-events",
+        dest="kv_events",
+        action="store_false",
+        help="publish no KV events: routers index this worker approximately",
+    )
     parser.add_argument("--log-level", default="INFO")
 
 
@@ -95,6 +102,7 @@ def config_from_arguments(tier: str, args: argparse.Namespace) -> WorkerConfig:
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         torch_threads=args.torch_threads,
         grace_s=args.grace_s,
+        kv_events=args.kv_events,
     )
 
 

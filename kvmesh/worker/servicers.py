@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
+
+import grpc
 
 from kvmesh.api.v1 import worker_pb2, worker_pb2_grpc
 from kvmesh.kv.events import AllCleared, BlockRemoved, BlockStored, KvEvent
@@ -14,6 +17,7 @@ if TYPE_CHECKING:
     from kvmesh.worker.runtime import WorkerRuntime
 
 _EVENT_POLL_S = 0.01
+KV_EVENT_HEARTBEAT_S = 1.0  # an idle event stream sends an empty batch this often
 _DEFAULT_LOAD_INTERVAL_S = 0.25
 
 
@@ -27,24 +31,35 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     async def WatchKvEvents(
         self, request: worker_pb2.WatchKvEventsRequest, context: Any
     ) -> AsyncIterator[worker_pb2.KvEventBatch]:
+        if not self._runtime.config.kv_events:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this worker publishes no KV events (started with --no-kv-events)",
+            )
         log = self._runtime.engine.kv_events
         after = request.from_event_id
-        first = True
+        sent_at = -1e9
         while True:
             batch = log.read_after(after)
             if batch.gap:
                 yield worker_pb2.KvEventBatch(gap=True, last_event_id=batch.last_event_id)
                 return  # the reader resyncs from GetKvSnapshot and watches again
-            if batch.events or first:
+            now = time.monotonic()
+            if batch.events or now - sent_at >= KV_EVENT_HEARTBEAT_S:  # empty: a heartbeat
                 yield worker_pb2.KvEventBatch(
                     events=[_event_to_proto(e) for e in batch.events],
                     last_event_id=batch.last_event_id,
                 )
                 after = batch.last_event_id
-                first = False
+                sent_at = now
             await asyncio.sleep(_EVENT_POLL_S)  # the engine thread appends; poll its log
 
     async def GetKvSnapshot(self, request: Any, context: Any) -> worker_pb2.KvSnapshot:
+        if not self._runtime.config.kv_events:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this worker publishes no KV events (started with --no-kv-events)",
+            )
         hashes, last_event_id = await self._runtime.engine.kv_snapshot()
         return worker_pb2.KvSnapshot(block_hashes=hashes, last_event_id=last_event_id)
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from services.router.policy import POLICIES, PolicyConfig
 
 
 @dataclass(slots=True)
@@ -21,6 +23,9 @@ class RouterConfig:
     load_interval_ms: int = 100
     metrics_port: int | None = 0
     grace_s: float = 10.0
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    approx_ttl_s: float = 120.0  # how long a routed prefix counts for an approximate worker
+    kv_stall_s: float = 5.0  # a KV event stream silent this long is considered stalled
 
 
 def parse(argv: list[str] | None = None) -> tuple[RouterConfig, str]:
@@ -42,6 +47,29 @@ def parse(argv: list[str] | None = None) -> tuple[RouterConfig, str]:
     parser.add_argument("--load-interval-ms", type=int, default=100)
     parser.add_argument("--metrics-port", type=int, default=0, help="-1: no /metrics endpoint")
     parser.add_argument("--grace-s", type=float, default=10.0)
+    routing = parser.add_argument_group("routing (docs/architecture.md: cache-aware routing)")
+    routing.add_argument("--policy", choices=POLICIES, default="cache_aware")
+    routing.add_argument(
+        "--overlap-weight",
+        type=float,
+        default=1.0,
+        help="cost per prompt token a worker would compute, against one token of its load",
+    )
+    routing.add_argument(
+        "--balance-slack",
+        type=float,
+        default=0.5,
+        help="bounded load: a worker takes requests while in flight <= (1+slack) x mean",
+    )
+    routing.add_argument(
+        "--decode-request-tokens",
+        type=int,
+        default=256,
+        help="load of one running decode request, in prompt tokens",
+    )
+    routing.add_argument("--approx-ttl-s", type=float, default=120.0)
+    routing.add_argument("--kv-stall-s", type=float, default=5.0)
+    routing.add_argument("--seed", type=int, default=None, help="the random policy's seed")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     config = RouterConfig(
@@ -56,5 +84,14 @@ def parse(argv: list[str] | None = None) -> tuple[RouterConfig, str]:
         load_interval_ms=args.load_interval_ms,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         grace_s=args.grace_s,
+        policy=PolicyConfig(
+            policy=args.policy,
+            overlap_weight=args.overlap_weight,
+            balance_slack=args.balance_slack,
+            decode_request_tokens=args.decode_request_tokens,
+            seed=args.seed,
+        ),
+        approx_ttl_s=args.approx_ttl_s,
+        kv_stall_s=args.kv_stall_s,
     )
     return config, args.log_level

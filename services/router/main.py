@@ -13,6 +13,9 @@ from kvmesh.rpc import RpcServer, ServerConfig, ServiceBinding
 from kvmesh.rpc.service import ServiceSpec, run_service
 from kvmesh.text import load_tokenizer
 from services.router.args import RouterConfig
+from services.router.index import PrefixIndex
+from services.router.planning import Planner
+from services.router.policy import Router
 from services.router.pool import WorkerPool
 from services.router.servicer import GenerationServicer
 
@@ -27,8 +30,17 @@ async def run_router(config: RouterConfig) -> None:
     else:
         tokenizer = await asyncio.to_thread(load_tokenizer, source.tokenizer_dir)
     discovery = Discovery(config.registry)
-    pool = WorkerPool(discovery, load_interval_ms=config.load_interval_ms)
-    servicer = GenerationServicer(config, pool, tokenizer, source.model_id)
+    index = PrefixIndex(approx_ttl_s=config.approx_ttl_s)
+    pool = WorkerPool(
+        discovery,
+        load_interval_ms=config.load_interval_ms,
+        index=index,
+        kv_stall_s=config.kv_stall_s,
+    )
+    planner = Planner(
+        pool, Router(config.policy, index), disagg_min_tokens=config.disagg_min_tokens
+    )
+    servicer = GenerationServicer(config, pool, tokenizer, source.model_id, planner)
     binding = ServiceBinding(
         generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,
         lambda server: generation_pb2_grpc.add_GenerationServicer_to_server(servicer, server),

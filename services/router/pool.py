@@ -1,9 +1,10 @@
-"""The workers the router can use, kept current from discovery, with their load.
+"""The workers the router can use, kept current from discovery, with their load and KV.
 
-Each worker gets a channel, its `WorkerInfo`, and a `WatchLoad` stream; the router also counts
-the requests it has sent to a worker and not yet finished (`in_flight`), which reacts at once,
-while load reports arrive every interval. Selection is load-aware: the fewest requests in
-flight and queued, then the fewest tokens in flight. (Cache-aware scoring comes next.)
+Each worker gets a channel, its `WorkerInfo`, a `WatchLoad` stream and a KV event follower that
+keeps its entries in the prefix index (`index.py`, `kv_watch.py`); a worker that leaves
+discovery loses its entries at once. The router also counts what it has sent to a worker and
+not yet finished (`in_flight` requests, `pending_tokens` of prefill), which reacts at once,
+while load reports arrive every interval. Choosing among the workers is `policy.py`'s job.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import structlog
 from kvmesh.api.v1 import worker_pb2, worker_pb2_grpc
 from kvmesh.discovery import Discovery, ServiceInstance
 from kvmesh.rpc import open_channel
+from services.router.index import PrefixIndex
+from services.router.kv_watch import KvEventFollower
 
 log = structlog.get_logger(__name__)
 
@@ -36,8 +39,10 @@ class Worker:
     info: worker_pb2.WorkerInfo | None = None
     load: worker_pb2.LoadReport = field(default_factory=worker_pb2.LoadReport)
     in_flight: int = 0
+    pending_tokens: int = 0  # prompt tokens sent to prefill here and not yet returned
     failed_at: float = -1e9
     watcher: asyncio.Task[None] | None = None
+    kv_follower: asyncio.Task[None] | None = None
 
     @property
     def prefill(self) -> worker_pb2_grpc.PrefillAsyncStub:
@@ -46,11 +51,6 @@ class Worker:
     @property
     def decode(self) -> worker_pb2_grpc.DecodeAsyncStub:
         return worker_pb2_grpc.DecodeStub(self.channel)
-
-    @property
-    def score(self) -> tuple[int, int]:
-        queued = self.load.num_running + self.load.num_waiting
-        return (self.in_flight + queued, self.load.num_tokens_in_flight)
 
     def mark_failed(self) -> None:
         self.failed_at = time.monotonic()
@@ -61,9 +61,18 @@ class Worker:
 
 
 class WorkerPool:
-    def __init__(self, discovery: Discovery, *, load_interval_ms: int = 100) -> None:
+    def __init__(
+        self,
+        discovery: Discovery,
+        *,
+        load_interval_ms: int = 100,
+        index: PrefixIndex | None = None,
+        kv_stall_s: float = 5.0,
+    ) -> None:
         self._discovery = discovery
         self._load_interval_ms = load_interval_ms
+        self.index = index if index is not None else PrefixIndex()
+        self._kv_stall_s = kv_stall_s
         self._workers: dict[str, dict[str, Worker]] = {tier: {} for tier in TIERS}
         self._tasks: list[asyncio.Task[None]] = []
         self._changed = asyncio.Condition()
@@ -85,12 +94,11 @@ class WorkerPool:
     def workers(self, tier: str) -> list[Worker]:
         return [w for w in self._workers[tier].values() if w.info is not None]
 
-    def pick(self, tier: str, exclude: Iterable[str] = ()) -> Worker | None:
-        """The least loaded ready worker of `tier`, avoiding `exclude` and recent failures."""
+    def candidates(self, tier: str, exclude: Iterable[str] = ()) -> list[Worker]:
+        """Ready workers of `tier` but `exclude`, without recent failures unless all failed."""
         excluded = set(exclude)
         ready = [w for w in self.workers(tier) if w.worker_id not in excluded]
-        healthy = [w for w in ready if not w.recently_failed] or ready
-        return min(healthy, key=lambda w: w.score, default=None)
+        return [w for w in ready if not w.recently_failed] or ready
 
     async def wait_for(self, tier: str, count: int = 1, timeout_s: float = 60.0) -> None:
         async with self._changed:
@@ -119,6 +127,10 @@ class WorkerPool:
                 )
                 current[worker_id] = worker
                 worker.watcher = asyncio.create_task(self._watch_load(worker))
+                follower = KvEventFollower(
+                    worker_id, worker.channel, self.index, stall_s=self._kv_stall_s
+                )
+                worker.kv_follower = asyncio.create_task(follower.run())
                 log.info("worker joined", tier=tier, worker_id=worker_id, address=worker.address)
         await self._notify()
 
@@ -136,10 +148,12 @@ class WorkerPool:
             await asyncio.sleep(0.5)  # reconnect pause; discovery removes a dead worker
 
     async def _remove(self, worker: Worker) -> None:
-        if worker.watcher is not None:
-            worker.watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await worker.watcher
+        for task in (worker.watcher, worker.kv_follower):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self.index.remove_worker(worker.worker_id)
         await worker.channel.close(None)
         await self._notify()
 

@@ -1,9 +1,9 @@
 """`kvmesh.v1.Generation`: the request flow of the mesh.
 
-    tokenize -> validate -> pick a decode worker D
-    prompt long enough and a prefill worker free?  (conditional disaggregation)
-      yes: Prefill on P (retried on another P on failure) -> stream the first token at once
-           -> Decode on D with P's KvHandle (D reads the KV over NIXL)
+    tokenize -> validate -> choose a decode worker D (planning.py: cache- and load-aware)
+    D would compute enough prompt tokens, and a prefill worker exists?  (conditional disagg.)
+      yes: choose P; Prefill on P (retried on another P on failure) -> stream the first token
+           at once -> Decode on D with P's KvHandle (D reads the blocks it lacks over NIXL)
       no:  Decode on D without a handle (D prefills locally)
     D fails mid-stream: migrate to another D with prompt + tokens so far (no duplicates, no gaps)
 
@@ -35,6 +35,7 @@ from kvmesh.telemetry import metrics
 from kvmesh.text import Tokenizer
 from kvmesh.worker import convert
 from services.router.args import RouterConfig
+from services.router.planning import Plan, Planner
 from services.router.pool import WorkerPool
 from services.router.stream import RequestStream
 
@@ -58,9 +59,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         pool: WorkerPool,
         tokenizer: Tokenizer | None,
         model_id: str,
+        planner: Planner,
     ) -> None:
         self._config = config
         self._pool = pool
+        self._planner = planner
         self._tokenizer = tokenizer
         self._model_id = model_id
         self._background: set[asyncio.Task[None]] = set()
@@ -92,11 +95,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         stream = RequestStream(
             request_id, prompt, sampling, self._tokenizer, return_token_ids=request.return_token_ids
         )
+        plan = self._planner.plan(prompt)
         handle: common_pb2.KvHandle | None = None
         path = "aggregated"
         try:
-            if len(prompt) >= self._config.disagg_min_tokens and self._pool.workers("prefill"):
-                prefilled = await self._prefill(stream)
+            if plan.prefill is not None:
+                prefilled = await self._prefill(stream, plan)
                 if prefilled is not None:
                     path = "disaggregated"
                     first = stream.add(
@@ -110,7 +114,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                     if prefilled.HasField("kv_handle"):
                         handle = prefilled.kv_handle
             if not stream.finished:
-                async for response in self._decode(stream, handle):
+                async for response in self._decode(stream, handle, plan):
                     handle = None  # handed to a decode worker, which releases it
                     yield response
                 handle = None
@@ -122,22 +126,71 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             if handle is not None:  # prefilled KV nobody will read: free it now
                 self._spawn(self._release(handle))
 
+    async def ExplainRoute(
+        self, request: generation_pb2.GenerateRequest, context: Any
+    ) -> generation_pb2.RouteExplanation:
+        """Where Generate would send this request now, with every candidate's numbers."""
+        prompt = self._tokenize(request)
+        plan = self._planner.plan(prompt, record=False)
+        explanation = generation_pb2.RouteExplanation(
+            policy=self._planner.policy,
+            prompt_tokens=len(prompt),
+            prompt_blocks=len(plan.hashes),
+            disaggregated=plan.prefill is not None,
+        )
+        index = self._pool.index
+        for tier, decision in (
+            (common_pb2.TIER_DECODE, plan.decode),
+            (common_pb2.TIER_PREFILL, plan.prefill),
+        ):
+            if decision is None:
+                continue
+            explanation.decisions.append(
+                generation_pb2.TierDecision(
+                    tier=tier,
+                    reason=decision.reason,
+                    candidates=[
+                        generation_pb2.RouteCandidate(
+                            worker_id=c.worker.worker_id,
+                            cached_blocks=c.cached_blocks,
+                            new_tokens=c.new_tokens,
+                            load_tokens=c.load_tokens,
+                            in_flight=c.in_flight,
+                            cost=c.cost,
+                            eligible=c.eligible,
+                            chosen=c.chosen,
+                            index_mode=index.mode(c.worker.worker_id),
+                        )
+                        for c in decision.candidates
+                    ],
+                )
+            )
+        return explanation
+
     # -- the steps ---------------------------------------------------------------------------------
 
-    async def _prefill(self, stream: RequestStream) -> worker_pb2.PrefillResponse | None:
-        """Prefill on the least loaded worker, retrying others; None: fall back to aggregated."""
+    async def _prefill(
+        self, stream: RequestStream, plan: Plan
+    ) -> worker_pb2.PrefillResponse | None:
+        """Prefill on the planned worker, retrying others; None: fall back to aggregated."""
         tried: set[str] = set()
         request = worker_pb2.PrefillRequest(
             request_id=stream.request_id,
             prompt_token_ids=stream.prompt,
             sampling=convert.sampling_to_proto(stream.sampling),
         )
+        assert plan.prefill is not None
+        decision = plan.prefill
         for attempt in range(1 + self._config.prefill_retries):
-            worker = self._pool.pick("prefill", exclude=tried)
-            if worker is None:
+            if attempt:
+                decision = self._planner.again(plan, "prefill", exclude=tried)
+            chosen = decision.chosen
+            if chosen is None:
                 return None
+            worker = chosen.worker
             tried.add(worker.worker_id)
             worker.in_flight += 1
+            worker.pending_tokens += chosen.new_tokens
             try:
                 started = asyncio.get_running_loop().time()
                 response: worker_pb2.PrefillResponse = await worker.prefill.Prefill(
@@ -159,16 +212,20 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 )
             finally:
                 worker.in_flight -= 1
+                worker.pending_tokens -= chosen.new_tokens
         return None
 
     async def _decode(
-        self, stream: RequestStream, handle: common_pb2.KvHandle | None
+        self, stream: RequestStream, handle: common_pb2.KvHandle | None, plan: Plan
     ) -> AsyncIterator[generation_pb2.GenerateResponse]:
         failed: set[str] = set()
+        decision = plan.decode
         while True:
-            worker = self._pool.pick("decode", exclude=failed)
-            if worker is None:
+            if failed:
+                decision = self._planner.again(plan, "decode", exclude=failed)
+            if decision.chosen is None:
                 raise UnavailableError("no decode worker is available")
+            worker = decision.chosen.worker
             request = worker_pb2.DecodeRequest(
                 request_id=stream.request_id,
                 prompt_token_ids=stream.prompt,

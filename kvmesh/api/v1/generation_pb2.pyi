@@ -257,3 +257,115 @@ class ListModelsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListModelsResponse: _TypeAlias = ListModelsResponse  # noqa: Y015
+
+@_typing.final
+class RouteCandidate(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    CACHED_BLOCKS_FIELD_NUMBER: _builtins.int
+    NEW_TOKENS_FIELD_NUMBER: _builtins.int
+    LOAD_TOKENS_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    COST_FIELD_NUMBER: _builtins.int
+    ELIGIBLE_FIELD_NUMBER: _builtins.int
+    CHOSEN_FIELD_NUMBER: _builtins.int
+    INDEX_MODE_FIELD_NUMBER: _builtins.int
+    worker_id: _builtins.str
+    cached_blocks: _builtins.int
+    """leading prompt blocks the prefix index says it holds"""
+    new_tokens: _builtins.int
+    """prompt tokens it would still compute"""
+    load_tokens: _builtins.int
+    """work already queued there, in tokens"""
+    in_flight: _builtins.int
+    """requests this router has in flight there"""
+    cost: _builtins.float
+    """the policy's score: lower wins"""
+    eligible: _builtins.bool
+    """within the bounded-load cap"""
+    chosen: _builtins.bool
+    index_mode: _builtins.str
+    """exact (from KV events) or approximate (from routing)"""
+    def __init__(
+        self,
+        *,
+        worker_id: _builtins.str = ...,
+        cached_blocks: _builtins.int = ...,
+        new_tokens: _builtins.int = ...,
+        load_tokens: _builtins.int = ...,
+        in_flight: _builtins.int = ...,
+        cost: _builtins.float = ...,
+        eligible: _builtins.bool = ...,
+        chosen: _builtins.bool = ...,
+        index_mode: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_blocks", b"cached_blocks", "chosen", b"chosen", "cost", b"cost", "eligible", b"eligible", "in_flight", b"in_flight", "index_mode", b"index_mode", "load_tokens", b"load_tokens", "new_tokens", b"new_tokens", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RouteCandidate: _TypeAlias = RouteCandidate  # noqa: Y015
+
+@_typing.final
+class TierDecision(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIER_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    CANDIDATES_FIELD_NUMBER: _builtins.int
+    tier: _common_pb2.Tier.ValueType
+    reason: _builtins.str
+    @_builtins.property
+    def candidates(self) -> _containers.RepeatedCompositeFieldContainer[Global___RouteCandidate]: ...
+    def __init__(
+        self,
+        *,
+        tier: _common_pb2.Tier.ValueType = ...,
+        reason: _builtins.str = ...,
+        candidates: _abc.Iterable[Global___RouteCandidate] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "reason", b"reason", "tier", b"tier"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TierDecision: _TypeAlias = TierDecision  # noqa: Y015
+
+@_typing.final
+class RouteExplanation(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    PROMPT_BLOCKS_FIELD_NUMBER: _builtins.int
+    DISAGGREGATED_FIELD_NUMBER: _builtins.int
+    DECISIONS_FIELD_NUMBER: _builtins.int
+    policy: _builtins.str
+    prompt_tokens: _builtins.int
+    prompt_blocks: _builtins.int
+    """full blocks, the unit of the prefix index"""
+    disaggregated: _builtins.bool
+    """false: the decode worker would prefill itself"""
+    @_builtins.property
+    def decisions(self) -> _containers.RepeatedCompositeFieldContainer[Global___TierDecision]:
+        """decode first, then prefill when disaggregated"""
+
+    def __init__(
+        self,
+        *,
+        policy: _builtins.str = ...,
+        prompt_tokens: _builtins.int = ...,
+        prompt_blocks: _builtins.int = ...,
+        disaggregated: _builtins.bool = ...,
+        decisions: _abc.Iterable[Global___TierDecision] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decisions", b"decisions", "disaggregated", b"disaggregated", "policy", b"policy", "prompt_blocks", b"prompt_blocks", "prompt_tokens", b"prompt_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RouteExplanation: _TypeAlias = RouteExplanation  # noqa: Y015

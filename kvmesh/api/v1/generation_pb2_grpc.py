@@ -45,6 +45,11 @@ class GenerationStub:
                 request_serializer=kvmesh_dot_v1_dot_generation__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=kvmesh_dot_v1_dot_generation__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.ExplainRoute = channel.unary_unary(
+                '/kvmesh.v1.Generation/ExplainRoute',
+                request_serializer=kvmesh_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=kvmesh_dot_v1_dot_generation__pb2.RouteExplanation.FromString,
+                _registered_method=True)
 
 
 class GenerationServicer:
@@ -63,6 +68,14 @@ class GenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExplainRoute(self, request, context):
+        """Debugging: where the router would send this request now, and every candidate's score.
+        Nothing is sent to a worker.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +88,11 @@ def add_GenerationServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=kvmesh_dot_v1_dot_generation__pb2.ListModelsRequest.FromString,
                     response_serializer=kvmesh_dot_v1_dot_generation__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'ExplainRoute': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExplainRoute,
+                    request_deserializer=kvmesh_dot_v1_dot_generation__pb2.GenerateRequest.FromString,
+                    response_serializer=kvmesh_dot_v1_dot_generation__pb2.RouteExplanation.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +149,33 @@ class Generation:
             '/kvmesh.v1.Generation/ListModels',
             kvmesh_dot_v1_dot_generation__pb2.ListModelsRequest.SerializeToString,
             kvmesh_dot_v1_dot_generation__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExplainRoute(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvmesh.v1.Generation/ExplainRoute',
+            kvmesh_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
+            kvmesh_dot_v1_dot_generation__pb2.RouteExplanation.FromString,
             options,
             channel_credentials,
             insecure,

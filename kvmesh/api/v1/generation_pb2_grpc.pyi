@@ -35,6 +35,10 @@ class GenerationStub:
     Generate: _grpc.UnaryStreamMultiCallable[_generation_pb2.GenerateRequest, _generation_pb2.GenerateResponse]
     """Streams the response as it is generated; the last message has finish_reason and usage."""
     ListModels: _grpc.UnaryUnaryMultiCallable[_generation_pb2.ListModelsRequest, _generation_pb2.ListModelsResponse]
+    ExplainRoute: _grpc.UnaryUnaryMultiCallable[_generation_pb2.GenerateRequest, _generation_pb2.RouteExplanation]
+    """Debugging: where the router would send this request now, and every candidate's score.
+    Nothing is sent to a worker.
+    """
 
 @_typing.type_check_only
 class GenerationAsyncStub(GenerationStub):
@@ -42,6 +46,10 @@ class GenerationAsyncStub(GenerationStub):
     Generate: _aio.UnaryStreamMultiCallable[_generation_pb2.GenerateRequest, _generation_pb2.GenerateResponse]  # type: ignore[assignment]
     """Streams the response as it is generated; the last message has finish_reason and usage."""
     ListModels: _aio.UnaryUnaryMultiCallable[_generation_pb2.ListModelsRequest, _generation_pb2.ListModelsResponse]  # type: ignore[assignment]
+    ExplainRoute: _aio.UnaryUnaryMultiCallable[_generation_pb2.GenerateRequest, _generation_pb2.RouteExplanation]  # type: ignore[assignment]
+    """Debugging: where the router would send this request now, and every candidate's score.
+    Nothing is sent to a worker.
+    """
 
 class GenerationServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -58,5 +66,15 @@ class GenerationServicer(metaclass=_abc_1.ABCMeta):
         request: _generation_pb2.ListModelsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_generation_pb2.ListModelsResponse, _abc.Awaitable[_generation_pb2.ListModelsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ExplainRoute(
+        self,
+        request: _generation_pb2.GenerateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_generation_pb2.RouteExplanation, _abc.Awaitable[_generation_pb2.RouteExplanation]]:
+        """Debugging: where the router would send this request now, and every candidate's score.
+        Nothing is sent to a worker.
+        """
 
 def add_GenerationServicer_to_server(servicer: GenerationServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

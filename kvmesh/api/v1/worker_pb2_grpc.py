@@ -386,7 +386,8 @@ class WorkerServicer:
 
     def WatchKvEvents(self, request, context):
         """Events after from_event_id; the first message says `gap` when they are no longer kept,
-        and the reader resyncs with GetKvSnapshot.
+        and the reader resyncs with GetKvSnapshot. An idle stream sends an empty batch every
+        second (a heartbeat). A worker that publishes no events answers FAILED_PRECONDITION.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -139,7 +139,8 @@ class WorkerStub:
     GetInfo: _grpc.UnaryUnaryMultiCallable[_worker_pb2.GetInfoRequest, _worker_pb2.WorkerInfo]
     WatchKvEvents: _grpc.UnaryStreamMultiCallable[_worker_pb2.WatchKvEventsRequest, _worker_pb2.KvEventBatch]
     """Events after from_event_id; the first message says `gap` when they are no longer kept,
-    and the reader resyncs with GetKvSnapshot.
+    and the reader resyncs with GetKvSnapshot. An idle stream sends an empty batch every
+    second (a heartbeat). A worker that publishes no events answers FAILED_PRECONDITION.
     """
     GetKvSnapshot: _grpc.UnaryUnaryMultiCallable[_worker_pb2.GetKvSnapshotRequest, _worker_pb2.KvSnapshot]
     WatchLoad: _grpc.UnaryStreamMultiCallable[_worker_pb2.WatchLoadRequest, _worker_pb2.LoadReport]
@@ -154,7 +155,8 @@ class WorkerAsyncStub(WorkerStub):
     GetInfo: _aio.UnaryUnaryMultiCallable[_worker_pb2.GetInfoRequest, _worker_pb2.WorkerInfo]  # type: ignore[assignment]
     WatchKvEvents: _aio.UnaryStreamMultiCallable[_worker_pb2.WatchKvEventsRequest, _worker_pb2.KvEventBatch]  # type: ignore[assignment]
     """Events after from_event_id; the first message says `gap` when they are no longer kept,
-    and the reader resyncs with GetKvSnapshot.
+    and the reader resyncs with GetKvSnapshot. An idle stream sends an empty batch every
+    second (a heartbeat). A worker that publishes no events answers FAILED_PRECONDITION.
     """
     GetKvSnapshot: _aio.UnaryUnaryMultiCallable[_worker_pb2.GetKvSnapshotRequest, _worker_pb2.KvSnapshot]  # type: ignore[assignment]
     WatchLoad: _aio.UnaryStreamMultiCallable[_worker_pb2.WatchLoadRequest, _worker_pb2.LoadReport]  # type: ignore[assignment]
@@ -178,7 +180,8 @@ class WorkerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_worker_pb2.KvEventBatch], _abc.AsyncIterator[_worker_pb2.KvEventBatch]]:
         """Events after from_event_id; the first message says `gap` when they are no longer kept,
-        and the reader resyncs with GetKvSnapshot.
+        and the reader resyncs with GetKvSnapshot. An idle stream sends an empty batch every
+        second (a heartbeat). A worker that publishes no events answers FAILED_PRECONDITION.
         """
 
     @_abc_1.abstractmethod

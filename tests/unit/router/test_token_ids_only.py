@@ -15,8 +15,8 @@ from services.router.stream import RequestStream
 
 
 def _servicer() -> GenerationServicer:
-    pool: Any = None  # _tokenize never reaches the pool
-    return GenerationServicer(RouterConfig(), pool, None, "dummy:llama-3.1-8b")
+    unused: Any = None  # _tokenize reaches neither the pool nor the planner
+    return GenerationServicer(RouterConfig(), unused, None, "dummy:llama-3.1-8b", unused)
 
 
 def test_token_ids_pass_through_without_a_tokenizer() -> None:
