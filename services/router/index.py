@@ -28,16 +28,22 @@ APPROXIMATE = "approximate"
 
 @dataclass(slots=True)
 class _WorkerEntries:
+    bit: int  # this worker's bit in the holder masks
     mode: str = EXACT
     reason: str = ""
     last_event_id: int = 0
-    exact: set[BlockHash] = field(default_factory=set)
+    exact_blocks: int = 0
     # hash -> expiry (monotonic seconds), oldest first: expired entries leave from the front.
     approx: OrderedDict[BlockHash, float] = field(default_factory=OrderedDict)
 
 
 class PrefixIndex:
-    """Block hash -> workers holding it, kept from KV events (exact) or routing (approximate)."""
+    """Block hash -> workers holding it, kept from KV events (exact) or routing (approximate).
+
+    Memory: one dict entry per distinct block, its holders a bit mask of worker slots (a worker
+    is exact or approximate, never both, so one bit per worker says it). Removing a worker or
+    clearing its cache scans the index once; both are rare next to lookups and events.
+    """
 
     def __init__(
         self,
@@ -50,29 +56,44 @@ class PrefixIndex:
         self._approx_max_blocks = approx_max_blocks
         self._clock = clock
         self._workers: dict[str, _WorkerEntries] = {}
-        self._holders: dict[BlockHash, set[str]] = {}  # exact and approximate alike
+        self._by_bit: dict[int, str] = {}
+        self._free_slots: list[int] = []
+        self._next_slot = 0
+        self._approx_bits = 0
+        self._holders: dict[BlockHash, int] = {}  # block -> mask of workers holding it
 
     # -- what routing asks ---------------------------------------------------------------------
 
     def overlap(self, hashes: Sequence[BlockHash], workers: Iterable[str]) -> dict[str, int]:
         """For each of `workers`, how many leading blocks of `hashes` it holds (0 if none)."""
         counts = dict.fromkeys(workers, 0)
-        alive = set(counts)
+        alive = 0
+        for worker_id in counts:
+            entries = self._workers.get(worker_id)
+            if entries is not None:
+                alive |= entries.bit
         now = self._clock()
+        holders = self._holders
         for i, block in enumerate(hashes):
-            holders = self._holders.get(block)
-            if not holders:
-                break
-            alive &= holders
-            for worker_id in list(alive):
-                entries = self._workers[worker_id]
-                if entries.mode == APPROXIMATE and entries.approx.get(block, now) < now:
-                    alive.discard(worker_id)  # expired, not yet purged
+            held = holders.get(block, 0) & alive
+            approx = held & self._approx_bits
+            while approx:  # approximate holders: only until their entry expires
+                bit = approx & -approx
+                approx ^= bit
+                if self._workers[self._by_bit[bit]].approx.get(block, now) < now:
+                    held ^= bit
+            self._record(counts, alive & ~held, i)
+            alive = held
             if not alive:
-                break
-            for worker_id in alive:
-                counts[worker_id] = i + 1
+                return counts
+        self._record(counts, alive, len(hashes))
         return counts
+
+    def _record(self, counts: dict[str, int], bits: int, count: int) -> None:
+        while bits:
+            bit = bits & -bits
+            bits ^= bit
+            counts[self._by_bit[bit]] = count
 
     def mode(self, worker_id: str) -> str:
         entries = self._workers.get(worker_id)
@@ -89,7 +110,7 @@ class PrefixIndex:
     @property
     def num_entries(self) -> int:
         """(worker, block) pairs held, exact and approximate: the index's size."""
-        return sum(len(e.exact) + len(e.approx) for e in self._workers.values())
+        return sum(e.exact_blocks + len(e.approx) for e in self._workers.values())
 
     @property
     def num_blocks(self) -> int:
@@ -104,30 +125,28 @@ class PrefixIndex:
     def reset(self, worker_id: str, hashes: Iterable[BlockHash], last_event_id: int) -> None:
         """Replace a worker's entries with a snapshot of its cache; it is exact again."""
         self.remove_worker(worker_id)
-        entries = self._workers[worker_id] = _WorkerEntries(last_event_id=last_event_id)
-        self._store(worker_id, entries, hashes)
+        entries = self._add_worker(worker_id, EXACT, "")
+        entries.last_event_id = last_event_id
+        self._store(entries, hashes)
 
     def stored(self, worker_id: str, event_id: int, hashes: Iterable[BlockHash]) -> None:
         entries = self._exact_entries(worker_id, event_id)
         if entries is not None:
-            self._store(worker_id, entries, hashes)
+            self._store(entries, hashes)
 
     def removed(self, worker_id: str, event_id: int, hashes: Iterable[BlockHash]) -> None:
         entries = self._exact_entries(worker_id, event_id)
         if entries is None:
             return
         for block in hashes:
-            if block in entries.exact:
-                entries.exact.discard(block)
-                self._drop_holder(block, worker_id)
+            if self._holders.get(block, 0) & entries.bit:
+                self._drop_holder(block, entries.bit)
+                entries.exact_blocks -= 1
 
     def cleared(self, worker_id: str, event_id: int) -> None:
         entries = self._exact_entries(worker_id, event_id)
-        if entries is None:
-            return
-        for block in entries.exact:
-            self._drop_holder(block, worker_id)
-        entries.exact.clear()
+        if entries is not None:
+            self._drop_all(entries)
 
     def _exact_entries(self, worker_id: str, event_id: int) -> _WorkerEntries | None:
         entries = self._workers.get(worker_id)
@@ -136,11 +155,13 @@ class PrefixIndex:
         entries.last_event_id = max(entries.last_event_id, event_id)
         return entries
 
-    def _store(self, worker_id: str, entries: _WorkerEntries, hashes: Iterable[BlockHash]) -> None:
+    def _store(self, entries: _WorkerEntries, hashes: Iterable[BlockHash]) -> None:
+        holders, bit = self._holders, entries.bit
         for block in hashes:
-            if block not in entries.exact:
-                entries.exact.add(block)
-                self._holders.setdefault(block, set()).add(worker_id)
+            mask = holders.get(block, 0)
+            if not mask & bit:
+                holders[block] = mask | bit
+                entries.exact_blocks += 1
 
     # -- approximate: routing decisions ----------------------------------------------------------
 
@@ -151,7 +172,7 @@ class PrefixIndex:
             entries.reason = reason
             return False
         self.remove_worker(worker_id)
-        self._workers[worker_id] = _WorkerEntries(mode=APPROXIMATE, reason=reason)
+        self._add_worker(worker_id, APPROXIMATE, reason)
         return True
 
     def routed(self, worker_id: str, hashes: Sequence[BlockHash]) -> None:
@@ -160,32 +181,33 @@ class PrefixIndex:
         if entries is None or entries.mode != APPROXIMATE:
             return
         now = self._clock()
-        self._expire(worker_id, entries, now)
+        self._expire(entries, now)
         expiry = now + self._approx_ttl_s
+        approx = entries.approx
         for block in hashes:
-            if block in entries.approx:
-                entries.approx.move_to_end(block)
+            if block in approx:
+                approx.move_to_end(block)
             else:
-                self._holders.setdefault(block, set()).add(worker_id)
-            entries.approx[block] = expiry
-        while len(entries.approx) > self._approx_max_blocks:
-            oldest, _ = entries.approx.popitem(last=False)
-            self._drop_holder(oldest, worker_id)
+                self._holders[block] = self._holders.get(block, 0) | entries.bit
+            approx[block] = expiry
+        while len(approx) > self._approx_max_blocks:
+            oldest, _ = approx.popitem(last=False)
+            self._drop_holder(oldest, entries.bit)
 
     def expire(self) -> None:
         """Drop approximate entries past their TTL (also done lazily as workers are routed to)."""
         now = self._clock()
-        for worker_id, entries in self._workers.items():
-            self._expire(worker_id, entries, now)
+        for entries in self._workers.values():
+            self._expire(entries, now)
 
-    def _expire(self, worker_id: str, entries: _WorkerEntries, now: float) -> None:
+    def _expire(self, entries: _WorkerEntries, now: float) -> None:
         approx = entries.approx
         while approx:
             block, expiry = next(iter(approx.items()))
             if expiry >= now:
                 return
             approx.popitem(last=False)
-            self._drop_holder(block, worker_id)
+            self._drop_holder(block, entries.bit)
 
     # -- membership ------------------------------------------------------------------------------
 
@@ -194,13 +216,37 @@ class PrefixIndex:
         entries = self._workers.pop(worker_id, None)
         if entries is None:
             return
-        for block in (*entries.exact, *entries.approx):
-            self._drop_holder(block, worker_id)
+        self._drop_all(entries)
+        del self._by_bit[entries.bit]
+        self._approx_bits &= ~entries.bit
+        self._free_slots.append(entries.bit.bit_length() - 1)
 
-    def _drop_holder(self, block: BlockHash, worker_id: str) -> None:
-        holders = self._holders.get(block)
-        if holders is None:
-            return
-        holders.discard(worker_id)
-        if not holders:
-            del self._holders[block]
+    def _add_worker(self, worker_id: str, mode: str, reason: str) -> _WorkerEntries:
+        if self._free_slots:
+            slot = self._free_slots.pop()
+        else:
+            slot, self._next_slot = self._next_slot, self._next_slot + 1
+        entries = _WorkerEntries(bit=1 << slot, mode=mode, reason=reason)
+        self._workers[worker_id] = entries
+        self._by_bit[entries.bit] = worker_id
+        if mode == APPROXIMATE:
+            self._approx_bits |= entries.bit
+        return entries
+
+    def _drop_all(self, entries: _WorkerEntries) -> None:
+        bit = entries.bit
+        if entries.exact_blocks:
+            holders = self._holders
+            for block in [b for b, mask in holders.items() if mask & bit]:
+                self._drop_holder(block, bit)
+            entries.exact_blocks = 0
+        for block in entries.approx:
+            self._drop_holder(block, bit)
+        entries.approx.clear()
+
+    def _drop_holder(self, block: BlockHash, bit: int) -> None:
+        mask = self._holders.get(block, 0) & ~bit
+        if mask:
+            self._holders[block] = mask
+        else:
+            self._holders.pop(block, None)

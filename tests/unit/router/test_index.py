@@ -109,3 +109,17 @@ def test_unknown_workers_overlap_nothing() -> None:
     index = PrefixIndex()
     assert index.overlap(A, ["nobody"]) == {"nobody": 0}
     assert index.mode("nobody") == APPROXIMATE
+
+
+def test_a_new_worker_inherits_nothing_from_a_removed_one() -> None:
+    index = PrefixIndex()
+    index.reset("w1", A, last_event_id=0)
+    index.make_approximate("w2", "absent")
+    index.routed("w2", B)
+    index.remove_worker("w1")
+    index.remove_worker("w2")
+    index.reset("w3", [], last_event_id=0)  # takes a freed slot
+    index.make_approximate("w4", "absent")
+    assert index.overlap(A, ["w3", "w4"]) == {"w3": 0, "w4": 0}
+    assert index.overlap(B, ["w3", "w4"]) == {"w3": 0, "w4": 0}
+    assert index.num_blocks == 0
