@@ -320,6 +320,115 @@ def bench_mesh(
     _emit(result, json_out)
 
 
+@main.command("bench")
+@click.option("--url", default=None, help="an OpenAI-compatible server: http://host:port")
+@click.option("--grpc", default=None, help="kvmesh's Generation API (the router): host:port")
+@click.option("--model", default=None, help="default: the first model the server lists")
+@click.option(
+    "--workload",
+    type=click.Choice(["shared-prefix", "multi-turn", "code-edit", "random"]),
+    default="shared-prefix",
+    show_default=True,
+)
+@click.option("--scale", default=1.0, show_default=True, help="multiply lengths and counts")
+@click.option("--groups", type=int, default=None, help="shared-prefix [64]")
+@click.option("--prompts-per-group", type=int, default=None, help="shared-prefix [16]")
+@click.option("--system-prompt-len", type=int, default=None, help="shared-prefix [2048]")
+@click.option("--question-len", type=int, default=None, help="shared-prefix [128]")
+@click.option("--zipf", type=float, default=None, help="shared-prefix: group popularity skew [0]")
+@click.option("--sessions", type=int, default=None, help="multi-turn [16], code-edit [8]")
+@click.option("--turns", type=int, default=None, help="multi-turn [4], code-edit [8]")
+@click.option("--turn-len", type=int, default=None, help="multi-turn [128]")
+@click.option("--file-len", type=int, default=None, help="code-edit [2048]")
+@click.option("--edit-len", type=int, default=None, help="code-edit [16]")
+@click.option("--input-len", type=int, default=None, help="random [1024]")
+@click.option("--range-ratio", type=float, default=None, help="random: lengths ±ratio [0]")
+@click.option(
+    "--output-len",
+    type=int,
+    default=None,
+    help="answer tokens: shared-prefix [256], multi-turn [128], code-edit [64], random [128]",
+)
+@click.option("--rate", type=float, default=None, help="open loop: sessions/s (inf: all at once)")
+@click.option("--arrival", type=click.Choice(["poisson", "gamma"]), default="poisson")
+@click.option("--burstiness", type=float, default=None, help="gamma shape; <1 is burstier")
+@click.option("--concurrency", type=int, default=None, help="closed loop: sessions in flight")
+@click.option("--num-requests", type=int, default=None, help="default: the whole workload")
+@click.option("--duration", type=float, default=None, help="seconds; no new requests after")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--max-in-flight", default=256, show_default=True, help="open loop's safety cap")
+@click.option("--request-timeout", default=300.0, show_default=True, help="seconds")
+@click.option("--prompt-format", type=click.Choice(["tokens", "text"]), default="tokens")
+@click.option("--tokenizer", default=None, help="text prompts: a tokenizer dir [smollm2's]")
+@click.option("--slo-ttft-ms", type=float, default=None)
+@click.option("--slo-itl-ms", type=float, default=None, help="on each request's mean ITL")
+@click.option("--slo-e2e-ms", type=float, default=None)
+@click.option("--api-key", default=None, help="HTTP: sent as a bearer token")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="results as JSON")
+@click.option("--plot-dir", type=click.Path(path_type=Path), default=None, help="PNG plots")
+def bench(out: Path | None, plot_dir: Path | None, **options: Any) -> None:
+    """Load a server with a workload, open loop or closed, and report latency and throughput."""
+    from kvmesh.bench import load
+
+    try:
+        config = load.config_from_options(options)
+        result = load.run(config, handle_sigint=True)
+    except load.ConfigError as e:
+        raise click.UsageError(str(e)) from e
+    except load.BenchError as e:
+        raise click.ClickException(str(e)) from e
+    except asyncio.CancelledError as e:  # a second Ctrl-C
+        raise click.Abort() from e
+    click.echo(load.render_summary(result))
+    if out is not None:
+        load.write_json(result, out)
+    if plot_dir is not None:
+        load.write_plots({"": result}, plot_dir)
+
+
+@main.command("bench-routing")
+@click.option("--groups", default=8, show_default=True)
+@click.option("--prompts-per-group", default=8, show_default=True)
+@click.option("--system-prompt-len", default=512, show_default=True)
+@click.option("--question-len", default=32, show_default=True)
+@click.option("--output-len", default=16, show_default=True)
+@click.option("--rate", default=1.0, show_default=True, help="requests per second (Poisson)")
+@click.option("--prefill", "num_prefill", default=3, show_default=True, help="prefill workers")
+@click.option("--zipf", default=1.2, show_default=True, help="skewed run's exponent; 0: skip it")
+@click.option(
+    "--policies", default="cache_aware,round_robin,random", show_default=True, help="in order"
+)
+@click.option("--robustness/--no-robustness", default=True, show_default=True)
+@click.option("--json-out", type=click.Path(path_type=Path), default=None)
+def bench_routing(json_out: Path | None, policies: str, **options: Any) -> None:
+    """Cache-aware routing vs round-robin vs random: hit rate, TTFT, balance, robustness."""
+    from kvmesh.bench import routing
+
+    chosen = tuple(p.strip() for p in policies.split(",") if p.strip())
+    unknown = set(chosen) - set(routing.POLICIES)
+    if not chosen or unknown:
+        raise click.BadParameter(
+            f"policies must come from {routing.POLICIES}", param_hint="--policies"
+        )
+    counts = ("groups", "prompts_per_group", "system_prompt_len", "question_len", "output_len")
+    if any(options[k] < 1 for k in counts) or options["num_prefill"] < 1:
+        raise click.BadParameter("counts and lengths must be at least 1")
+    if not options["rate"] > 0 or options["zipf"] < 0:
+        raise click.BadParameter("--rate must be positive and --zipf at least 0")
+    bench = routing.RoutingBench(policies=chosen, **options)
+    _emit(asyncio.run(routing.run(bench)), json_out)
+
+
+@main.command("bench-router", context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench_router(args: tuple[str, ...]) -> None:
+    """Routing decision time and the prefix index's memory (see --help of the module)."""
+    from services.router import bench_index
+
+    bench_index.main(list(args), standalone_mode=True)
+
+
 def _emit(report: dict[str, Any], json_out: Path | None) -> None:
     text = json.dumps(report, indent=2, default=str)
     click.echo(text)

@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -43,6 +44,7 @@ class UpConfig:
     start_timeout_s: float = 300.0
     grace_s: float = 10.0
     extra_worker_args: list[str] = field(default_factory=list)
+    extra_router_args: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -63,6 +65,7 @@ class Mesh:
         self.edge_url = ""
         self.registry_address = ""
         self._stopping = asyncio.Event()
+        self._worker_args: list[str] = []
         self._drains: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -84,6 +87,7 @@ class Mesh:
             "--registry", self.registry_address, "--model", config.model, "--host", config.host,
             "--torch-threads", str(threads), "--metrics-port", "0", *config.extra_worker_args,
         ]  # fmt: skip
+        self._worker_args = common
         names = [
             (tier, f"{tier}-{i}")
             for tier, count in (("prefill", config.num_prefill), ("decode", config.num_decode))
@@ -96,15 +100,8 @@ class Mesh:
             )
             for (tier, name), device in zip(names, devices, strict=True)
         ]
-        starting.append(
-            self._spawn(
-                "router",
-                [*py, "services.router", "--registry", self.registry_address, "--model",
-                 config.model, "--host", config.host, "--port", str(config.router_port),
-                 "--disagg-min-tokens", str(config.disagg_min_tokens)],
-                "router serving",
-            )
-        )  # fmt: skip
+        router_args = ["--port", str(config.router_port), *config.extra_router_args]
+        starting.append(self._spawn("router", self._router_argv(router_args), "router serving"))
         started = await asyncio.gather(*starting)
         self.router_address = started[-1].ready_line.split()[2]
         edge = await self._spawn(
@@ -115,6 +112,25 @@ class Mesh:
         )  # fmt: skip
         self.edge_url = edge.ready_line.split()[-1]
         await self._wait_until_serving()
+
+    async def add_router(self, name: str, args: list[str]) -> str:
+        """Start another router on the same registry (e.g. another policy); its address."""
+        child = await self._spawn(name, self._router_argv(["--port", "0", *args]), "router serving")
+        return child.ready_line.split()[2]
+
+    async def add_worker(self, tier: str, name: str, args: Sequence[str] = ()) -> Child:
+        """Start another worker (a replacement, or one with other flags) after `start()`."""
+        device = worker_devices(self.config.device, 1)[0]
+        argv = [sys.executable, "-m", f"services.{tier}", *self._worker_args, "--device", device]
+        return await self._spawn(name, [*argv, *args], f"{tier} serving")
+
+    def _router_argv(self, args: list[str]) -> list[str]:
+        config = self.config
+        return [
+            sys.executable, "-m", "services.router", "--registry", self.registry_address,
+            "--model", config.model, "--host", config.host,
+            "--disagg-min-tokens", str(config.disagg_min_tokens), "--metrics-port", "0", *args,
+        ]  # fmt: skip
 
     async def wait(self) -> None:
         """Until stop() is called (a signal) — children that die are reported, not restarted."""

@@ -12,9 +12,7 @@ request at a time (low load), each prompt fresh random tokens so no prefix cache
 
 from __future__ import annotations
 
-import asyncio
 import random
-import sys
 import tempfile
 import time
 import uuid
@@ -91,41 +89,12 @@ async def _direct(
         yield len(response.token_ids)
 
 
-async def _second_router(mesh: Mesh, log_dir: Path) -> tuple[asyncio.subprocess.Process, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.router", "--registry", mesh.registry_address,
-        "--model", mesh.config.model, "--port", "0", "--disagg-min-tokens", str(10**9),
-        "--metrics-port", "-1",
-        stdout=asyncio.subprocess.PIPE, stderr=(log_dir / "router-aggregated.log").open("ab"),
-    )  # fmt: skip
-    assert process.stdout is not None
-    while True:
-        line = (await asyncio.wait_for(process.stdout.readline(), 120)).decode()
-        if not line:
-            raise RuntimeError("the aggregated router did not start")
-        if line.startswith("router serving"):
-            return process, line.split()[2]
-
-
-async def run(
-    *,
-    prompt_tokens: int = 1024,
-    max_tokens: int = 32,
-    requests: int = 10,
-    model: str = "smollm2",
-    device: str = "cpu",
-    num_blocks: int = 1024,
-    seed: int = 0,
-) -> dict[str, Any]:
-    rng = random.Random(seed)
-    log_dir = Path(tempfile.mkdtemp(prefix="kvmesh-bench-"))
-    config = UpConfig(
-        model=model, registry_port=0, router_port=0, edge_port=0, disagg_min_tokens=0,
-        device=device, log_dir=log_dir, extra_worker_args=["--num-blocks", str(num_blocks)],
-    )  # fmt: skip
-    mesh = Mesh(config)
-    await mesh.start()
-    aggregated_router, aggregated_address = await _second_router(mesh, log_dir)
+async def _measure(
+    mesh: Mesh, rng: random.Random, prompt_tokens: int, max_tokens: int, requests: int
+) -> dict[str, Latencies]:
+    aggregated_address = await mesh.add_router(
+        "router-aggregated", ["--disagg-min-tokens", "1000000000"]
+    )
     decode_address = next(c for c in mesh.children if c.name == "decode-0").ready_line.split()[2]
     channels = [open_channel(a) for a in (mesh.router_address, aggregated_address, decode_address)]
     try:
@@ -146,8 +115,30 @@ async def run(
     finally:
         for channel in channels:
             await channel.close(None)
-        aggregated_router.terminate()
-        await aggregated_router.wait()
+    return results
+
+
+async def run(
+    *,
+    prompt_tokens: int = 1024,
+    max_tokens: int = 32,
+    requests: int = 10,
+    model: str = "smollm2",
+    device: str = "cpu",
+    num_blocks: int = 1024,
+    seed: int = 0,
+) -> dict[str, Any]:
+    rng = random.Random(seed)
+    log_dir = Path(tempfile.mkdtemp(prefix="kvmesh-bench-"))
+    config = UpConfig(
+        model=model, registry_port=0, router_port=0, edge_port=0, disagg_min_tokens=0,
+        device=device, log_dir=log_dir, extra_worker_args=["--num-blocks", str(num_blocks)],
+    )  # fmt: skip
+    mesh = Mesh(config)
+    try:
+        await mesh.start()
+        results = await _measure(mesh, rng, prompt_tokens, max_tokens, requests)
+    finally:
         await mesh.stop()
     summary = {name: lat.summary() for name, lat in results.items()}
     d, a, x = summary["disaggregated"], summary["aggregated"], summary["direct_decode"]

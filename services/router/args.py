@@ -25,6 +25,7 @@ class RouterConfig:
     grace_s: float = 10.0
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     approx_ttl_s: float = 120.0  # how long a routed prefix counts for an approximate worker
+    pending_ttl_s: float = 10.0  # and for an exact one, until its KV events say so
     kv_stall_s: float = 5.0  # a KV event stream silent this long is considered stalled
 
 
@@ -67,7 +68,18 @@ def parse(argv: list[str] | None = None) -> tuple[RouterConfig, str]:
         default=256,
         help="load of one running decode request, in prompt tokens",
     )
-    routing.add_argument("--approx-ttl-s", type=float, default=120.0)
+    routing.add_argument(
+        "--approx-ttl-s",
+        type=float,
+        default=120.0,
+        help="a worker without trusted KV events is assumed to hold what it was sent this long",
+    )
+    routing.add_argument(
+        "--pending-ttl-s",
+        type=float,
+        default=10.0,
+        help="a worker is assumed to hold a prompt just sent to it this long (until its events)",
+    )
     routing.add_argument("--kv-stall-s", type=float, default=5.0)
     routing.add_argument("--seed", type=int, default=None, help="the random policy's seed")
     parser.add_argument("--log-level", default="INFO")
@@ -92,6 +104,7 @@ def parse(argv: list[str] | None = None) -> tuple[RouterConfig, str]:
             seed=args.seed,
         ),
         approx_ttl_s=args.approx_ttl_s,
+        pending_ttl_s=args.pending_ttl_s,
         kv_stall_s=args.kv_stall_s,
     )
     return config, args.log_level

@@ -6,11 +6,13 @@ prompt's leading blocks it already holds. Block hashes are chained (`kvmesh/kv/h
 a worker holding block i of a prompt holds its whole prefix up to i: the overlap is the length
 of the leading run of blocks a worker holds.
 
-A worker whose events cannot be trusted (its stream broke, stalled, or it publishes none) is
-indexed **approximately**: its exact entries are dropped and the router records its own routing
-decisions for it instead, each for `approx_ttl_s`, since a worker's cache most likely holds what
-was just sent to it. Memory stays bounded: exact entries leave when workers evict (the events
-say so) or leave discovery; approximate entries expire and are capped per worker.
+The router also remembers where it just sent each prompt (`routed`): a worker most likely
+holds what was just sent to it, and its events say so only once the prefill is done — without
+this, requests of one prefix arriving close together would scatter. Those entries last
+`pending_ttl_s`. A worker whose events cannot be trusted (its stream broke, stalled, or it
+publishes none) is indexed **approximately**: its exact entries are dropped and only the routing
+entries remain, each for `approx_ttl_s`. Memory stays bounded: exact entries leave when workers
+evict (the events say so) or leave discovery; routing entries expire and are capped per worker.
 """
 
 from __future__ import annotations
@@ -33,34 +35,36 @@ class _WorkerEntries:
     reason: str = ""
     last_event_id: int = 0
     exact_blocks: int = 0
-    # hash -> expiry (monotonic seconds), oldest first: expired entries leave from the front.
-    approx: OrderedDict[BlockHash, float] = field(default_factory=OrderedDict)
+    # Routing entries: hash -> expiry (monotonic seconds), oldest first, expired leave first.
+    routed: OrderedDict[BlockHash, float] = field(default_factory=OrderedDict)
 
 
 class PrefixIndex:
     """Block hash -> workers holding it, kept from KV events (exact) or routing (approximate).
 
-    Memory: one dict entry per distinct block, its holders a bit mask of worker slots (a worker
-    is exact or approximate, never both, so one bit per worker says it). Removing a worker or
-    clearing its cache scans the index once; both are rare next to lookups and events.
+    Memory: one dict entry per distinct block, its holders a bit mask of worker slots; routing
+    entries likewise in a second, smaller dict. Removing a worker or clearing its cache scans
+    the index once; both are rare next to lookups and events.
     """
 
     def __init__(
         self,
         *,
         approx_ttl_s: float = 120.0,
+        pending_ttl_s: float = 10.0,
         approx_max_blocks: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._approx_ttl_s = approx_ttl_s
+        self._pending_ttl_s = pending_ttl_s
         self._approx_max_blocks = approx_max_blocks
         self._clock = clock
         self._workers: dict[str, _WorkerEntries] = {}
         self._by_bit: dict[int, str] = {}
         self._free_slots: list[int] = []
         self._next_slot = 0
-        self._approx_bits = 0
-        self._holders: dict[BlockHash, int] = {}  # block -> mask of workers holding it
+        self._holders: dict[BlockHash, int] = {}  # block -> mask of workers holding it (events)
+        self._routed: dict[BlockHash, int] = {}  # block -> mask of workers it was just sent to
 
     # -- what routing asks ---------------------------------------------------------------------
 
@@ -73,15 +77,15 @@ class PrefixIndex:
             if entries is not None:
                 alive |= entries.bit
         now = self._clock()
-        holders = self._holders
+        holders, routed = self._holders, self._routed
         for i, block in enumerate(hashes):
             held = holders.get(block, 0) & alive
-            approx = held & self._approx_bits
-            while approx:  # approximate holders: only until their entry expires
-                bit = approx & -approx
-                approx ^= bit
-                if self._workers[self._by_bit[bit]].approx.get(block, now) < now:
-                    held ^= bit
+            recent = routed.get(block, 0) & alive & ~held
+            while recent:  # routing entries count until they expire
+                bit = recent & -recent
+                recent ^= bit
+                if self._workers[self._by_bit[bit]].routed.get(block, 0.0) >= now:
+                    held |= bit
             self._record(counts, alive & ~held, i)
             alive = held
             if not alive:
@@ -109,13 +113,13 @@ class PrefixIndex:
 
     @property
     def num_entries(self) -> int:
-        """(worker, block) pairs held, exact and approximate: the index's size."""
-        return sum(e.exact_blocks + len(e.approx) for e in self._workers.values())
+        """(worker, block) pairs held, from events and from routing: the index's size."""
+        return sum(e.exact_blocks + len(e.routed) for e in self._workers.values())
 
     @property
     def num_blocks(self) -> int:
         """Distinct block hashes indexed."""
-        return len(self._holders)
+        return len(self._holders.keys() | self._routed.keys())
 
     def workers(self) -> list[str]:
         return list(self._workers)
@@ -163,7 +167,7 @@ class PrefixIndex:
                 holders[block] = mask | bit
                 entries.exact_blocks += 1
 
-    # -- approximate: routing decisions ----------------------------------------------------------
+    # -- routing decisions; approximate workers ----------------------------------------------------
 
     def make_approximate(self, worker_id: str, reason: str) -> bool:
         """Stop trusting a worker's events; True if it was exact (or unknown) until now."""
@@ -176,38 +180,39 @@ class PrefixIndex:
         return True
 
     def routed(self, worker_id: str, hashes: Sequence[BlockHash]) -> None:
-        """A request with these blocks was sent to the worker: remember it if approximate."""
+        """A request with these blocks was sent to the worker: it will hold them shortly."""
         entries = self._workers.get(worker_id)
-        if entries is None or entries.mode != APPROXIMATE:
+        if entries is None:
             return
         now = self._clock()
         self._expire(entries, now)
-        expiry = now + self._approx_ttl_s
-        approx = entries.approx
+        ttl = self._approx_ttl_s if entries.mode == APPROXIMATE else self._pending_ttl_s
+        expiry = now + ttl
+        routed, masks, bit = entries.routed, self._routed, entries.bit
         for block in hashes:
-            if block in approx:
-                approx.move_to_end(block)
+            if block in routed:
+                routed.move_to_end(block)
             else:
-                self._holders[block] = self._holders.get(block, 0) | entries.bit
-            approx[block] = expiry
-        while len(approx) > self._approx_max_blocks:
-            oldest, _ = approx.popitem(last=False)
-            self._drop_holder(oldest, entries.bit)
+                masks[block] = masks.get(block, 0) | bit
+            routed[block] = expiry
+        while len(routed) > self._approx_max_blocks:
+            oldest, _ = routed.popitem(last=False)
+            _clear_bit(masks, oldest, bit)
 
     def expire(self) -> None:
-        """Drop approximate entries past their TTL (also done lazily as workers are routed to)."""
+        """Drop routing entries past their TTL (also done lazily as workers are routed to)."""
         now = self._clock()
         for entries in self._workers.values():
             self._expire(entries, now)
 
     def _expire(self, entries: _WorkerEntries, now: float) -> None:
-        approx = entries.approx
-        while approx:
-            block, expiry = next(iter(approx.items()))
+        routed = entries.routed
+        while routed:
+            block, expiry = next(iter(routed.items()))
             if expiry >= now:
                 return
-            approx.popitem(last=False)
-            self._drop_holder(block, entries.bit)
+            routed.popitem(last=False)
+            _clear_bit(self._routed, block, entries.bit)
 
     # -- membership ------------------------------------------------------------------------------
 
@@ -218,7 +223,6 @@ class PrefixIndex:
             return
         self._drop_all(entries)
         del self._by_bit[entries.bit]
-        self._approx_bits &= ~entries.bit
         self._free_slots.append(entries.bit.bit_length() - 1)
 
     def _add_worker(self, worker_id: str, mode: str, reason: str) -> _WorkerEntries:
@@ -229,8 +233,6 @@ class PrefixIndex:
         entries = _WorkerEntries(bit=1 << slot, mode=mode, reason=reason)
         self._workers[worker_id] = entries
         self._by_bit[entries.bit] = worker_id
-        if mode == APPROXIMATE:
-            self._approx_bits |= entries.bit
         return entries
 
     def _drop_all(self, entries: _WorkerEntries) -> None:
@@ -240,13 +242,17 @@ class PrefixIndex:
             for block in [b for b, mask in holders.items() if mask & bit]:
                 self._drop_holder(block, bit)
             entries.exact_blocks = 0
-        for block in entries.approx:
-            self._drop_holder(block, bit)
-        entries.approx.clear()
+        for block in entries.routed:
+            _clear_bit(self._routed, block, bit)
+        entries.routed.clear()
 
     def _drop_holder(self, block: BlockHash, bit: int) -> None:
-        mask = self._holders.get(block, 0) & ~bit
-        if mask:
-            self._holders[block] = mask
-        else:
-            self._holders.pop(block, None)
+        _clear_bit(self._holders, block, bit)
+
+
+def _clear_bit(masks: dict[BlockHash, int], block: BlockHash, bit: int) -> None:
+    mask = masks.get(block, 0) & ~bit
+    if mask:
+        masks[block] = mask
+    else:
+        masks.pop(block, None)

@@ -30,7 +30,7 @@ async def run_router(config: RouterConfig) -> None:
     else:
         tokenizer = await asyncio.to_thread(load_tokenizer, source.tokenizer_dir)
     discovery = Discovery(config.registry)
-    index = PrefixIndex(approx_ttl_s=config.approx_ttl_s)
+    index = PrefixIndex(approx_ttl_s=config.approx_ttl_s, pending_ttl_s=config.pending_ttl_s)
     pool = WorkerPool(
         discovery,
         load_interval_ms=config.load_interval_ms,

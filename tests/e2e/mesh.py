@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import aiohttp
 import grpc
 
 from kvmesh.rpc import open_channel
+from kvmesh.telemetry.scrape import scrape, total
 from kvmesh.up import Child, Mesh, UpConfig
-
-_METRIC_LINE = re.compile(r"^(?P<name>[a-zA-Z_:][\w:]*)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)$")
 
 
 @asynccontextmanager
@@ -52,24 +49,9 @@ def metrics_port(child: Child) -> int:
     return int(child.ready_line.rsplit("metrics_port=", 1)[1])
 
 
-async def scrape(port: int) -> dict[str, float]:
-    """Prometheus samples as {"name{labels}": value}."""
-    url = f"http://127.0.0.1:{port}/metrics"
-    async with aiohttp.ClientSession() as session, session.get(url) as response:
-        text = await response.text()
-    samples: dict[str, float] = {}
-    for line in text.splitlines():
-        match = _METRIC_LINE.match(line)
-        if match and not line.startswith("#"):
-            key = match["name"] + (f"{{{match['labels']}}}" if match["labels"] else "")
-            samples[key] = float(match["value"])
-    return samples
-
-
 async def metric(child: Child, name: str) -> float:
     """The sum of a metric's samples on one child (all label sets)."""
-    samples = await scrape(metrics_port(child))
-    return sum(v for k, v in samples.items() if k == name or k.startswith(name + "{"))
+    return total(await scrape(metrics_port(child)), name)
 
 
 def grpc_address(child: Child) -> str:

@@ -85,11 +85,18 @@ def test_approximate_workers_are_indexed_by_routing_until_the_ttl() -> None:
     assert index.overlap(A, ["w1"]) == {"w1": 6}
 
 
-def test_routing_an_exact_worker_adds_nothing() -> None:
-    index = PrefixIndex()
+def test_a_prompt_just_sent_counts_as_held_until_its_events_are_due() -> None:
+    clock = Clock()
+    index = PrefixIndex(pending_ttl_s=5.0, clock=clock)
     index.reset("w1", [], last_event_id=0)
-    index.routed("w1", A)
-    assert index.overlap(A, ["w1"]) == {"w1": 0}
+    index.reset("w2", [], last_event_id=0)
+    index.routed("w1", A)  # prefill still running: no stored event yet
+    assert index.overlap(B, ["w1", "w2"]) == {"w1": 4, "w2": 0}
+    index.stored("w1", 1, A[:2])  # the events arrive (here, for part of it)
+    clock.now = 6.0
+    assert index.overlap(A, ["w1", "w2"]) == {"w1": 2, "w2": 0}  # only the events remain
+    index.expire()
+    assert index.num_entries == 2
 
 
 def test_approximate_entries_are_capped_per_worker() -> None:
