@@ -124,6 +124,13 @@ class Mesh:
         argv = [sys.executable, "-m", f"services.{tier}", *self._worker_args, "--device", device]
         return await self._spawn(name, [*argv, *args], f"{tier} serving")
 
+    async def add_edge(self, name: str, router_address: str) -> str:
+        """Start another HTTP edge in front of a router; its URL."""
+        argv = [sys.executable, "-m", "services.edge", "--host", self.config.host, "--port", "0",
+                "--router", router_address]  # fmt: skip
+        child = await self._spawn(name, argv, "edge listening on")
+        return child.ready_line.split()[-1]
+
     def _router_argv(self, args: list[str]) -> list[str]:
         config = self.config
         return [

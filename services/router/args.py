@@ -27,6 +27,7 @@ class RouterConfig:
     approx_ttl_s: float = 120.0  # how long a routed prefix counts for an approximate worker
     pending_ttl_s: float = 10.0  # and for an exact one, until its KV events say so
     kv_stall_s: float = 5.0  # a KV event stream silent this long is considered stalled
+    only_workers: tuple[str, ...] = ()  # route only to these worker ids (empty: all)
 
 
 def parse(argv: list[str] | None = None) -> tuple[RouterConfig, str]:
@@ -48,6 +49,11 @@ def parse(argv: list[str] | None = None) -> tuple[RouterConfig, str]:
     parser.add_argument("--load-interval-ms", type=int, default=100)
     parser.add_argument("--metrics-port", type=int, default=0, help="-1: no /metrics endpoint")
     parser.add_argument("--grace-s", type=float, default=10.0)
+    parser.add_argument(
+        "--only-workers",
+        default="",
+        help="comma-separated worker ids: route only to these (default: every worker)",
+    )
     routing = parser.add_argument_group("routing (docs/architecture.md: cache-aware routing)")
     routing.add_argument("--policy", choices=POLICIES, default="cache_aware")
     routing.add_argument(
@@ -106,5 +112,6 @@ def parse(argv: list[str] | None = None) -> tuple[RouterConfig, str]:
         approx_ttl_s=args.approx_ttl_s,
         pending_ttl_s=args.pending_ttl_s,
         kv_stall_s=args.kv_stall_s,
+        only_workers=tuple(w for w in args.only_workers.split(",") if w),
     )
     return config, args.log_level

@@ -35,6 +35,7 @@ async def run_router(config: RouterConfig) -> None:
         discovery,
         load_interval_ms=config.load_interval_ms,
         index=index,
+        only_workers=config.only_workers,
         kv_stall_s=config.kv_stall_s,
     )
     planner = Planner(

@@ -68,11 +68,13 @@ class WorkerPool:
         load_interval_ms: int = 100,
         index: PrefixIndex | None = None,
         kv_stall_s: float = 5.0,
+        only_workers: Iterable[str] = (),
     ) -> None:
         self._discovery = discovery
         self._load_interval_ms = load_interval_ms
         self.index = index if index is not None else PrefixIndex()
         self._kv_stall_s = kv_stall_s
+        self._only = frozenset(only_workers)  # empty: every worker discovery lists
         self._workers: dict[str, dict[str, Worker]] = {tier: {} for tier in TIERS}
         self._tasks: list[asyncio.Task[None]] = []
         self._changed = asyncio.Condition()
@@ -113,6 +115,8 @@ class WorkerPool:
     async def _reconcile(self, tier: str, instances: list[ServiceInstance]) -> None:
         current = self._workers[tier]
         seen = {i.meta.get("worker_id", i.service_id): i for i in instances}
+        if self._only:
+            seen = {worker_id: i for worker_id, i in seen.items() if worker_id in self._only}
         for worker_id in list(current):
             if worker_id not in seen:
                 log.info("worker left", tier=tier, worker_id=worker_id)
