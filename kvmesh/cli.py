@@ -387,13 +387,36 @@ def bench(out: Path | None, plot_dir: Path | None, **options: Any) -> None:
         load.write_plots({"": result}, plot_dir)
 
 
+def shared_prefix_options(fn: F) -> F:
+    """The small shared-prefix workload's options, for the routing comparisons."""
+    options = [
+        click.option("--groups", default=8, show_default=True),
+        click.option("--prompts-per-group", default=8, show_default=True),
+        click.option("--system-prompt-len", default=512, show_default=True),
+        click.option("--question-len", default=32, show_default=True),
+        click.option("--output-len", default=16, show_default=True),
+        click.option("--rate", default=1.0, show_default=True, help="requests/s (Poisson)"),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _shared_prefix(options: dict[str, Any]) -> Any:
+    """Pop the workload options (see `shared_prefix_options`) into a SharedPrefix, checked."""
+    from kvmesh.bench import load
+
+    names = ("groups", "prompts_per_group", "system_prompt_len", "question_len", "output_len")
+    values = {name: options.pop(name) for name in names}
+    if min(values.values()) < 1:
+        raise click.BadParameter("workload counts and lengths must be at least 1")
+    if not options["rate"] > 0:
+        raise click.BadParameter("--rate must be positive", param_hint="--rate")
+    return load.SharedPrefix(**values)
+
+
 @main.command("bench-routing")
-@click.option("--groups", default=8, show_default=True)
-@click.option("--prompts-per-group", default=8, show_default=True)
-@click.option("--system-prompt-len", default=512, show_default=True)
-@click.option("--question-len", default=32, show_default=True)
-@click.option("--output-len", default=16, show_default=True)
-@click.option("--rate", default=1.0, show_default=True, help="requests per second (Poisson)")
+@shared_prefix_options
 @click.option("--prefill", "num_prefill", default=3, show_default=True, help="prefill workers")
 @click.option("--zipf", default=1.2, show_default=True, help="skewed run's exponent; 0: skip it")
 @click.option(
@@ -406,18 +429,42 @@ def bench_routing(json_out: Path | None, policies: str, **options: Any) -> None:
     from kvmesh.bench import routing
 
     chosen = tuple(p.strip() for p in policies.split(",") if p.strip())
-    unknown = set(chosen) - set(routing.POLICIES)
-    if not chosen or unknown:
+    if not chosen or set(chosen) - set(routing.POLICIES):
         raise click.BadParameter(
             f"policies must come from {routing.POLICIES}", param_hint="--policies"
         )
-    counts = ("groups", "prompts_per_group", "system_prompt_len", "question_len", "output_len")
-    if any(options[k] < 1 for k in counts) or options["num_prefill"] < 1:
-        raise click.BadParameter("counts and lengths must be at least 1")
-    if not options["rate"] > 0 or options["zipf"] < 0:
-        raise click.BadParameter("--rate must be positive and --zipf at least 0")
-    bench = routing.RoutingBench(policies=chosen, **options)
+    workload = _shared_prefix(options)
+    if options["num_prefill"] < 1 or options["zipf"] < 0:
+        raise click.BadParameter("--prefill must be at least 1 and --zipf at least 0")
+    bench = routing.RoutingBench(workload=workload, policies=chosen, **options)
     _emit(asyncio.run(routing.run(bench)), json_out)
+
+
+@main.command("bench-sglang")
+@shared_prefix_options
+@click.option(
+    "--sglang-router",
+    "sglang_python",
+    default="python3",
+    show_default=True,
+    help="a Python interpreter that can import sglang_router (in a virtualenv of its own)",
+)
+@click.option("--decode", "num_decode", default=3, show_default=True, help="decode workers")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--json-out", type=click.Path(path_type=Path), default=None)
+def bench_sglang(json_out: Path | None, **options: Any) -> None:
+    """kvmesh's cache-aware router vs sglang-router's, same workers: hit rate and TTFT."""
+    from kvmesh.bench import sglang_compare
+
+    workload = _shared_prefix(options)
+    if options["num_decode"] < 2:
+        raise click.BadParameter("--decode must be at least 2", param_hint="--decode")
+    bench = sglang_compare.CompareBench(workload=workload, **options)
+    try:
+        report = asyncio.run(sglang_compare.run(bench))
+    except sglang_compare.SglangRouterError as e:
+        raise click.ClickException(str(e)) from e
+    _emit(report, json_out)
 
 
 @main.command("bench-router", context_settings={"ignore_unknown_options": True})

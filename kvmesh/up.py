@@ -49,10 +49,42 @@ class UpConfig:
 
 @dataclass(slots=True)
 class Child:
+    """One child process and the line it printed when it started serving.
+
+    Workers print `<tier> serving ADDRESS worker_id=ID metrics_port=PORT`, routers
+    `router serving ADDRESS metrics_port=PORT`, the edge `edge listening on URL`.
+    """
+
     name: str
     process: asyncio.subprocess.Process
     log_file: IO[bytes]
     ready_line: str = ""
+
+    @property
+    def address(self) -> str:
+        """The gRPC address of a worker or router (the edge's URL for the edge)."""
+        return self.ready_line.split()[-1] if self.name.startswith("edge") else self._word(2)
+
+    @property
+    def metrics_port(self) -> int:
+        return int(self._field("metrics_port"))
+
+    @property
+    def worker_id(self) -> str:
+        return self._field("worker_id")
+
+    @property
+    def alive(self) -> bool:
+        return self.process.returncode is None
+
+    def _word(self, index: int) -> str:
+        return self.ready_line.split()[index]
+
+    def _field(self, key: str) -> str:
+        for word in self.ready_line.split():
+            if word.startswith(key + "="):
+                return word.split("=", 1)[1]
+        raise ValueError(f"{self.name} printed no {key}: {self.ready_line!r}")
 
 
 class Mesh:
@@ -103,20 +135,20 @@ class Mesh:
         router_args = ["--port", str(config.router_port), *config.extra_router_args]
         starting.append(self._spawn("router", self._router_argv(router_args), "router serving"))
         started = await asyncio.gather(*starting)
-        self.router_address = started[-1].ready_line.split()[2]
+        self.router_address = started[-1].address
         edge = await self._spawn(
             "edge",
             [*py, "services.edge", "--host", config.host, "--port", str(config.edge_port),
              "--router", self.router_address],
             "edge listening on",
         )  # fmt: skip
-        self.edge_url = edge.ready_line.split()[-1]
+        self.edge_url = edge.address
         await self._wait_until_serving()
 
     async def add_router(self, name: str, args: list[str]) -> str:
         """Start another router on the same registry (e.g. another policy); its address."""
         child = await self._spawn(name, self._router_argv(["--port", "0", *args]), "router serving")
-        return child.ready_line.split()[2]
+        return child.address
 
     async def add_worker(self, tier: str, name: str, args: Sequence[str] = ()) -> Child:
         """Start another worker (a replacement, or one with other flags) after `start()`."""
@@ -129,7 +161,7 @@ class Mesh:
         argv = [sys.executable, "-m", "services.edge", "--host", self.config.host, "--port", "0",
                 "--router", router_address]  # fmt: skip
         child = await self._spawn(name, argv, "edge listening on")
-        return child.ready_line.split()[-1]
+        return child.address
 
     def _router_argv(self, args: list[str]) -> list[str]:
         config = self.config
@@ -138,6 +170,13 @@ class Mesh:
             "--model", config.model, "--host", config.host,
             "--disagg-min-tokens", str(config.disagg_min_tokens), "--metrics-port", "0", *args,
         ]  # fmt: skip
+
+    def child(self, name: str) -> Child:
+        return next(c for c in self.children if c.name == name)
+
+    def workers(self, tier: str) -> list[Child]:
+        """The live workers of a tier (those added later included)."""
+        return [c for c in self.children if c.name.startswith(tier) and c.alive]
 
     async def wait(self) -> None:
         """Until stop() is called (a signal) — children that die are reported, not restarted."""

@@ -95,7 +95,7 @@ async def _measure(
     aggregated_address = await mesh.add_router(
         "router-aggregated", ["--disagg-min-tokens", "1000000000"]
     )
-    decode_address = next(c for c in mesh.children if c.name == "decode-0").ready_line.split()[2]
+    decode_address = mesh.child("decode-0").address
     channels = [open_channel(a) for a in (mesh.router_address, aggregated_address, decode_address)]
     try:
         disagg = generation_pb2_grpc.GenerationStub(channels[0])

@@ -6,7 +6,7 @@ prefilled on the prefill tier, where the policies differ). The same shared-prefi
 (`kvmesh.bench.load`) runs through each router in turn with its own seed, so no run finds
 another's prefixes cached. Per policy: the prefix hit rate (cached / prompt tokens, as the
 prefill workers report them), TTFT, how many requests each prefill worker served, and the
-longest queue any prefill worker had (sampled from its metrics).
+most requests the router had in flight on any prefill worker (sampled from its metrics).
 
 The oracle's hit rate is computed, not run: every request of a group on a worker that holds the
 group's system prompt, so each group misses once and hits its full system-prompt blocks after.
@@ -37,13 +37,23 @@ POLICIES = ("cache_aware", "round_robin", "random")
 _QUEUE_SAMPLE_S = 0.25
 
 
+# Sized for a 2-core machine: SGLang bench_serving's generated-shared-prefix shape, smaller.
+SMALL_SHARED_PREFIX = load.SharedPrefix(
+    groups=8, prompts_per_group=8, system_prompt_len=512, question_len=32, output_len=16
+)
+
+
+def oracle_hit_rate(workload: load.SharedPrefix, block_size: int) -> float:
+    """Every request on a worker holding its group's prefix: each group misses once."""
+    cached = (workload.system_prompt_len // block_size) * block_size
+    prompt = workload.system_prompt_len + workload.question_len
+    per_group = workload.prompts_per_group
+    return (per_group - 1) * cached / (per_group * prompt)
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class RoutingBench:
-    groups: int = 8
-    prompts_per_group: int = 8
-    system_prompt_len: int = 512
-    question_len: int = 32
-    output_len: int = 16
+    workload: load.SharedPrefix = SMALL_SHARED_PREFIX
     rate: float = 1.0
     num_prefill: int = 3
     zipf: float = 1.2
@@ -52,23 +62,6 @@ class RoutingBench:
     seed: int = 0
     policies: tuple[str, ...] = POLICIES
     robustness: bool = True
-
-    def workload(self, zipf: float = 0.0) -> load.SharedPrefix:
-        return load.SharedPrefix(
-            groups=self.groups,
-            prompts_per_group=self.prompts_per_group,
-            system_prompt_len=self.system_prompt_len,
-            question_len=self.question_len,
-            output_len=self.output_len,
-            zipf=zipf,
-        )
-
-    @property
-    def oracle_hit_rate(self) -> float:
-        cached = (self.system_prompt_len // self.block_size) * self.block_size
-        prompt = self.system_prompt_len + self.question_len
-        per_group = self.prompts_per_group
-        return (per_group - 1) * cached / (per_group * prompt)
 
 
 async def run(bench: RoutingBench) -> dict[str, Any]:
@@ -83,7 +76,7 @@ async def run(bench: RoutingBench) -> dict[str, Any]:
     mesh = Mesh(config)
     report: dict[str, Any] = {
         "config": dataclasses.asdict(bench),
-        "oracle_hit_rate": round(bench.oracle_hit_rate, 4),
+        "oracle_hit_rate": round(oracle_hit_rate(bench.workload, bench.block_size), 4),
         "logs": str(log_dir),
     }
     try:
@@ -93,14 +86,13 @@ async def run(bench: RoutingBench) -> dict[str, Any]:
             routers[policy] = await mesh.add_router(f"router-{policy}", ["--policy", policy])
         runs: dict[str, Any] = {}
         for i, policy in enumerate(bench.policies):
-            runs[policy] = await _measure(mesh, routers[policy], bench.workload(), bench, i)
+            runs[policy] = await _measure(mesh, routers[policy], bench.workload, bench, i)
         report["policies"] = runs
         cache_aware = routers.get("cache_aware", mesh.router_address)
         next_seed = len(bench.policies)
         if bench.zipf > 0:
-            report["zipf"] = await _measure(
-                mesh, cache_aware, bench.workload(bench.zipf), bench, next_seed
-            )
+            skewed = dataclasses.replace(bench.workload, zipf=bench.zipf)
+            report["zipf"] = await _measure(mesh, cache_aware, skewed, bench, next_seed)
         if bench.robustness:
             report["robustness"] = await _robustness(mesh, cache_aware, bench, next_seed + 1)
     finally:
@@ -108,48 +100,42 @@ async def run(bench: RoutingBench) -> dict[str, Any]:
     return report
 
 
-def _prefill_children(mesh: Mesh) -> list[Child]:
-    return [
-        c for c in mesh.children if c.name.startswith("prefill") and c.process.returncode is None
-    ]
-
-
-def _metrics_port(child: Child) -> int:
-    return int(child.ready_line.rsplit("metrics_port=", 1)[1])
-
-
-async def _prefills_served(children: Sequence[Child]) -> dict[str, float]:
+async def requests_served(workers: Sequence[Child], service: str) -> dict[str, int]:
+    """RPCs of `service` (e.g. "kvmesh.v1.Prefill") each worker has handled, by worker id."""
     served = {}
-    for child in children:
-        samples = await scrape(_metrics_port(child))
-        served[child.name] = total(samples, "kvmesh_rpc_server_handled_total", containing="Prefill")
+    for child in workers:
+        samples = await scrape(child.metrics_port)
+        handled = total(samples, "kvmesh_rpc_server_handled_total", containing=f'"{service}"')
+        served[child.worker_id] = int(handled)
     return served
 
 
-async def _sample_queues(children: Sequence[Child], into: dict[str, int]) -> None:
-    """The longest queue (running + waiting) seen on each prefill worker, until cancelled."""
+def router_of(mesh: Mesh, address: str) -> Child:
+    return next(c for c in mesh.children if c.name.startswith("router") and c.address == address)
+
+
+async def _sample_queues(router: Child, into: dict[str, int]) -> None:
+    """The most requests the router had in flight on each prefill worker, until cancelled.
+
+    The router's count, not the worker's: a prefill worker finishes its requests within a step,
+    so its own running/waiting gauges read zero between steps while callers queue in front.
+    """
+    port = router.metrics_port
+    prefix = 'kvmesh_router_worker_in_flight{tier="prefill",worker_id="'
     while True:
-        for child in children:
-            if child.process.returncode is not None:
-                continue
-            try:
-                samples = await scrape(_metrics_port(child))
-            except OSError:  # the worker went away (the robustness phase kills one)
-                continue
-            queued = total(samples, "kvmesh_engine_waiting_requests") + total(
-                samples, "kvmesh_engine_running_requests"
-            )
-            into[child.name] = max(into.get(child.name, 0), int(queued))
+        for key, value in (await scrape(port)).items():
+            if key.startswith(prefix):
+                worker_id = key[len(prefix) : -2]
+                into[worker_id] = max(into.get(worker_id, 0), int(value))
         await asyncio.sleep(_QUEUE_SAMPLE_S)  # a sampling period, not a synchronization
 
 
 async def _measure(
     mesh: Mesh, router: str, workload: load.SharedPrefix, bench: RoutingBench, seed: int
 ) -> dict[str, Any]:
-    children = _prefill_children(mesh)
-    before = await _prefills_served(children)
+    before = await requests_served(mesh.workers("prefill"), "kvmesh.v1.Prefill")
     queues: dict[str, int] = {}
-    sampler = asyncio.create_task(_sample_queues(children, queues))
+    sampler = asyncio.create_task(_sample_queues(router_of(mesh, router), queues))
     try:
         result = await load.run_async(
             load.BenchConfig(
@@ -163,8 +149,8 @@ async def _measure(
         )
     finally:
         sampler.cancel()
-    after = await _prefills_served(_prefill_children(mesh))
-    served = {name: int(after.get(name, 0) - before.get(name, 0)) for name in after}
+    after = await requests_served(mesh.workers("prefill"), "kvmesh.v1.Prefill")
+    served = {worker: n - before.get(worker, 0) for worker, n in after.items()}
     return _summary(result, served, queues)
 
 
@@ -182,15 +168,15 @@ def _summary(
         "e2e_p50_ms": s.e2e_ms.p50,
         "served_per_worker": served,
         "busiest_over_least_busy": max(counts) / max(1, min(counts)) if counts else None,
-        "max_queue_per_worker": queues,
+        "max_in_flight_per_worker": queues,
     }
 
 
 async def _robustness(mesh: Mesh, router: str, bench: RoutingBench, seed: int) -> dict[str, Any]:
     """Kill prefill-0 a quarter of the way in and start a replacement without KV events."""
-    n = bench.groups * bench.prompts_per_group
+    n = bench.workload.groups * bench.workload.prompts_per_group
     duration = n / bench.rate
-    victim = next(c for c in _prefill_children(mesh) if c.name == "prefill-0")
+    victim = mesh.child("prefill-0")
     timeline: dict[str, float] = {}
 
     async def disturb(started: float) -> None:
@@ -207,7 +193,7 @@ async def _robustness(mesh: Mesh, router: str, bench: RoutingBench, seed: int) -
             load.BenchConfig(
                 target=router,
                 protocol="grpc",
-                workload=bench.workload(),
+                workload=bench.workload,
                 arrivals=load.OpenLoop(rate=bench.rate),
                 seed=bench.seed * 1000 + seed,
                 request_timeout_s=600,
@@ -231,8 +217,7 @@ async def _robustness(mesh: Mesh, router: str, bench: RoutingBench, seed: int) -
             "requests": len(records),
             "prefix_hit_rate": round(cached / prompt, 4) if prompt else None,
         }
-    router_child = next(c for c in mesh.children if c.ready_line.split()[2:3] == [router])
-    samples = await scrape(_metrics_port(router_child))
+    samples = await scrape(router_of(mesh, router).metrics_port)
     return {
         "requests": result.summary.num_requests,
         "errors": result.summary.num_errors,

@@ -58,6 +58,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self._hit_tokens = 0
+        self.num_deferred = 0  # admissions put off a step for a prefix being computed
 
     @property
     def has_work(self) -> bool:
@@ -102,8 +103,15 @@ class Scheduler:
                 scheduled[seq] = num_tokens
 
         # Admitting after a preemption would only thrash: wait for blocks to come back.
+        # A prompt whose next uncached block another prompt is computing right now waits a step
+        # (keeping its place) and then finds it cached, instead of computing it a second time.
+        in_flight = self._blocks_in_flight()
+        deferred: list[Sequence] = []
         while self.waiting and not preempted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if self._waits_for(seq, in_flight):
+                deferred.append(self.waiting.popleft())
+                continue
             num_tokens = self._admit(seq, budget())
             if num_tokens == 0:
                 break
@@ -111,9 +119,31 @@ class Scheduler:
             self.running.append(seq)
             seq.state = SeqState.RUNNING
             scheduled[seq] = num_tokens
+            in_flight.update(self._uncomputed_blocks(seq))
+        self.waiting.extendleft(reversed(deferred))
+        self.num_deferred += len(deferred)
 
         chunks = [ScheduledChunk(seq, n) for seq, n in scheduled.items()]
         return SchedulerOutput(chunks, preempted, self._hit_tokens)
+
+    def _blocks_in_flight(self) -> set[BlockHash]:
+        """Hashes of the full prompt blocks running sequences have yet to compute."""
+        if not self.pool.enable_prefix_cache:
+            return set()
+        prefilling = (seq for seq in self.running if seq.is_prefilling)
+        return {h for seq in prefilling for h in self._uncomputed_blocks(seq)}
+
+    def _uncomputed_blocks(self, seq: Sequence) -> list[BlockHash]:
+        return seq.block_hashes[seq.num_computed_tokens // self.block_size :]
+
+    def _waits_for(self, seq: Sequence, in_flight: set[BlockHash]) -> bool:
+        """Whether the first block `seq` would compute is being computed by another sequence."""
+        if not in_flight or seq.block_ids:
+            return False
+        seq.extend_hashes(self.block_size, self.root_hash)
+        usable = (seq.num_tokens - 1) // self.block_size
+        first_missing = len(self.pool.lookup(seq.block_hashes[:usable]))
+        return first_missing < usable and seq.block_hashes[first_missing] in in_flight
 
     def _blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)

@@ -79,6 +79,11 @@ ROUTER_PREFIX_BLOCKS = Counter(
     "Full prompt blocks routed, and those the chosen worker held already (the index's view).",
     ["tier", "kind"],  # kind: prompt | hit
 )
+ROUTER_WORKER_IN_FLIGHT = Gauge(
+    "kvmesh_router_worker_in_flight",
+    "Requests this router has sent to a worker and not yet seen finish (its queue there).",
+    ["tier", "worker_id"],
+)
 ROUTER_KV_INDEX_ENTRIES = Gauge(
     "kvmesh_router_kv_index_entries", "(worker, block) pairs in the router's prefix index."
 )

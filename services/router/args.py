@@ -69,9 +69,15 @@ def parse(argv: list[str] | None = None) -> tuple[RouterConfig, str]:
         help="bounded load: a worker takes requests while in flight <= (1+slack) x mean",
     )
     routing.add_argument(
+        "--balance-abs",
+        type=int,
+        default=4,
+        help="bounded load: or while in flight <= the least loaded worker's + this",
+    )
+    routing.add_argument(
         "--decode-request-tokens",
         type=int,
-        default=256,
+        default=64,
         help="load of one running decode request, in prompt tokens",
     )
     routing.add_argument(
@@ -106,6 +112,7 @@ def parse(argv: list[str] | None = None) -> tuple[RouterConfig, str]:
             policy=args.policy,
             overlap_weight=args.overlap_weight,
             balance_slack=args.balance_slack,
+            balance_abs=args.balance_abs,
             decode_request_tokens=args.decode_request_tokens,
             seed=args.seed,
         ),

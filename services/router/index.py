@@ -111,6 +111,11 @@ class PrefixIndex:
         entries = self._workers.get(worker_id)
         return entries.last_event_id if entries else 0
 
+    def footprint(self, worker_id: str) -> int:
+        """Blocks indexed for one worker: how much cached (or just sent) context it holds."""
+        entries = self._workers.get(worker_id)
+        return entries.exact_blocks + len(entries.routed) if entries else 0
+
     @property
     def num_entries(self) -> int:
         """(worker, block) pairs held, from events and from routing: the index's size."""

@@ -10,11 +10,16 @@ Cache-aware cost of sending a prompt to a candidate (lower wins):
   prefilling (the router's own count, immediate, or the worker's report, whichever is larger).
   Decode: `decode_request_tokens` per request it is running or has queued.
 
+Equal costs (a cold prompt on idle workers) go to the candidate holding the least indexed
+context, so new prefixes spread over the workers.
+
 **Bounded load.** Before costs are compared, a candidate may take the request only while its
 requests in flight stay within `ceil((1 + balance_slack) * (all in flight + 1) / candidates)`
-(consistent hashing with bounded loads): a hot prefix spreads over more workers once its
-holder is that much busier than the average, instead of queueing without bound on one. The
-least loaded candidate always fits, so some candidate is always eligible.
+(consistent hashing with bounded loads) or within `balance_abs` of the least loaded candidate,
+whichever is more: a hot prefix spreads over more workers once its holder is that much busier
+than the others, instead of queueing without bound on one, while a few requests more than the
+average (common at low load, where the relative bound alone would scatter prefixes) do not
+count. The least loaded candidate always fits, so some candidate is always eligible.
 
 Every decision is explainable: `Decision.candidates` holds each candidate's numbers, the router
 logs them at debug level and `Generation.ExplainRoute` returns them.
@@ -40,14 +45,18 @@ class PolicyConfig:
     policy: str = "cache_aware"
     overlap_weight: float = 1.0
     balance_slack: float = 0.5
-    decode_request_tokens: int = 256
+    balance_abs: int = 4
+    decode_request_tokens: int = 64
     seed: int | None = None  # the random policy's
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"unknown routing policy {self.policy!r}; one of {POLICIES}")
-        if self.overlap_weight < 0 or self.balance_slack < 0 or self.decode_request_tokens < 0:
-            raise ValueError("overlap_weight, balance_slack and decode_request_tokens must be >= 0")
+        knobs = (self.overlap_weight, self.balance_slack, self.balance_abs)
+        if min(knobs) < 0 or self.decode_request_tokens < 0:
+            raise ValueError(
+                "overlap_weight, balance_slack, balance_abs and decode_request_tokens must be >= 0"
+            )
 
 
 @dataclass(slots=True)
@@ -131,7 +140,10 @@ class Router:
             for c in decision.candidates:
                 c.cost = weight * c.new_tokens + c.load_tokens
             pool = [c for c in decision.candidates if c.eligible]
-            best = min(pool, key=lambda c: (c.cost, c.in_flight))
+            # Ties (a cold prompt on idle workers) go to the worker holding the least context:
+            # prefixes spread, and with them the requests that will follow them.
+            footprint = self.index.footprint
+            best = min(pool, key=lambda c: (c.cost, c.in_flight, footprint(c.worker.worker_id)))
             decision.reason = _reason(best, decision.candidates)
         elif policy == "load":
             for c in decision.candidates:
@@ -158,6 +170,7 @@ class Router:
     def _mark_eligible(self, candidates: list[Candidate]) -> None:
         total = sum(c.in_flight for c in candidates)
         cap = math.ceil((1 + self.config.balance_slack) * (total + 1) / len(candidates))
+        cap = max(cap, min(c.in_flight for c in candidates) + self.config.balance_abs)
         for c in candidates:
             c.eligible = c.in_flight + 1 <= cap
         if not any(c.eligible for c in candidates):  # cannot happen (see module doc); be safe

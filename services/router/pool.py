@@ -21,6 +21,7 @@ import structlog
 from kvmesh.api.v1 import worker_pb2, worker_pb2_grpc
 from kvmesh.discovery import Discovery, ServiceInstance
 from kvmesh.rpc import open_channel
+from kvmesh.telemetry import metrics
 from services.router.index import PrefixIndex
 from services.router.kv_watch import KvEventFollower
 
@@ -51,6 +52,17 @@ class Worker:
     @property
     def decode(self) -> worker_pb2_grpc.DecodeAsyncStub:
         return worker_pb2_grpc.DecodeStub(self.channel)
+
+    def begin(self, prefill_tokens: int = 0) -> None:
+        """A request was sent here (with this many prompt tokens to prefill)."""
+        self.in_flight += 1
+        self.pending_tokens += prefill_tokens
+        metrics.ROUTER_WORKER_IN_FLIGHT.labels(self.tier, self.worker_id).set(self.in_flight)
+
+    def end(self, prefill_tokens: int = 0) -> None:
+        self.in_flight -= 1
+        self.pending_tokens -= prefill_tokens
+        metrics.ROUTER_WORKER_IN_FLIGHT.labels(self.tier, self.worker_id).set(self.in_flight)
 
     def mark_failed(self) -> None:
         self.failed_at = time.monotonic()
@@ -158,6 +170,8 @@ class WorkerPool:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self.index.remove_worker(worker.worker_id)
+        with contextlib.suppress(KeyError):
+            metrics.ROUTER_WORKER_IN_FLIGHT.remove(worker.tier, worker.worker_id)
         await worker.channel.close(None)
         await self._notify()
 

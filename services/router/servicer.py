@@ -189,8 +189,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 return None
             worker = chosen.worker
             tried.add(worker.worker_id)
-            worker.in_flight += 1
-            worker.pending_tokens += chosen.new_tokens
+            worker.begin(chosen.new_tokens)
             try:
                 started = asyncio.get_running_loop().time()
                 response: worker_pb2.PrefillResponse = await worker.prefill.Prefill(
@@ -211,8 +210,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                     error=e.details(),
                 )
             finally:
-                worker.in_flight -= 1
-                worker.pending_tokens -= chosen.new_tokens
+                worker.end(chosen.new_tokens)
         return None
 
     async def _decode(
@@ -234,7 +232,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             )
             if handle is not None:
                 request.kv_handle.CopyFrom(handle)
-            worker.in_flight += 1
+            worker.begin()
             call = worker.decode.Decode(request)
             try:
                 first = True
@@ -273,7 +271,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 )
             finally:
                 call.cancel()
-                worker.in_flight -= 1
+                worker.end()
 
     # -- helpers -----------------------------------------------------------------------------------
 

@@ -46,7 +46,7 @@ def children(mesh: Mesh, tier: str) -> list[Child]:
 
 
 def metrics_port(child: Child) -> int:
-    return int(child.ready_line.rsplit("metrics_port=", 1)[1])
+    return child.metrics_port
 
 
 async def metric(child: Child, name: str) -> float:
@@ -55,7 +55,7 @@ async def metric(child: Child, name: str) -> float:
 
 
 def grpc_address(child: Child) -> str:
-    return child.ready_line.split()[2]
+    return child.address
 
 
 @asynccontextmanager

@@ -114,6 +114,19 @@ def test_prefix_cache_computes_only_new_tokens(core: EngineCore) -> None:
     assert generate(core, [second], NO_EOS)[0] == cached
 
 
+def test_prompts_sharing_a_prefix_submitted_together_compute_it_once(core: EngineCore) -> None:
+    shared = prompts(1, seed=7, low=32, high=32)[0]  # 8 full blocks of 4
+    batch = [shared + [7, 8, 9], shared + [11, 12, 13, 14, 15], shared + [21, 22]]
+    expected = generate_one_at_a_time(core, batch, NO_EOS)
+    core.pool.clear_cache()
+    before = core.stats.num_computed_tokens
+    assert generate(core, batch, NO_EOS) == expected
+    computed = core.stats.num_computed_tokens - before
+    uncached = len(shared) + sum(len(p) - len(shared) for p in batch)
+    assert computed == uncached + len(batch) * (NO_EOS.max_tokens - 1)
+    assert core.scheduler.num_deferred >= 2
+
+
 def test_a_fully_cached_prompt_still_computes_its_last_token(core: EngineCore) -> None:
     prompt = prompts(1, seed=6, low=16, high=16)[0]  # exactly 4 blocks
     expected = generate(core, [prompt], NO_EOS)[0]

@@ -62,7 +62,7 @@ def test_load_outweighs_a_small_overlap() -> None:
 
 
 def test_bounded_load_spreads_a_hot_prefix() -> None:
-    router, index = _router(balance_slack=0.5)
+    router, index = _router(balance_slack=0.5, balance_abs=0)
     workers = _workers(3)
     for w in workers:
         index.reset(w.worker_id, [], last_event_id=0)
@@ -83,7 +83,7 @@ def test_bounded_load_spreads_a_hot_prefix() -> None:
 
 
 def test_the_least_loaded_worker_is_always_eligible() -> None:
-    router, _ = _router(balance_slack=0.0)
+    router, _ = _router(balance_slack=0.0, balance_abs=0)
     workers = _workers(3)
     for i, w in enumerate(workers):
         w.in_flight = [4, 7, 9][i]
@@ -123,8 +123,34 @@ def test_decode_load_counts_running_requests() -> None:
 
 @pytest.mark.parametrize(
     "knobs",
-    [{"policy": "nope"}, {"overlap_weight": -1.0}, {"balance_slack": -0.1}],
+    [{"policy": "nope"}, {"overlap_weight": -1.0}, {"balance_slack": -0.1}, {"balance_abs": -1}],
 )
 def test_bad_knobs_are_rejected(knobs: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match=r"policy|must be >= 0"):
         PolicyConfig(**knobs)
+
+
+def test_cold_prompts_spread_over_idle_workers() -> None:
+    router, index = _router()
+    workers = _workers(3)
+    for w in workers:
+        index.reset(w.worker_id, [], last_event_id=0)
+    placed = []
+    for group in range(6):  # six new prefixes, nothing in flight
+        hashes = hash_blocks([group, *PROMPT[1:]], BLOCK, root_hash("m"))
+        chosen = _choose(router, workers, hashes)
+        index.routed(chosen, hashes)
+        placed.append(chosen)
+    assert Counter(placed) == {"w0": 2, "w1": 2, "w2": 2}
+
+
+def test_a_few_requests_above_the_mean_keep_a_prefix_on_its_holder() -> None:
+    router, index = _router(balance_slack=0.5, balance_abs=4)
+    workers = _workers(3)
+    for w in workers:
+        index.reset(w.worker_id, [], last_event_id=0)
+    index.stored("w0", 1, HASHES)
+    workers[0].in_flight = 3  # the relative bound alone (cap 2) would send this elsewhere
+    assert _choose(router, workers) == "w0"
+    workers[0].in_flight = 4  # but not beyond the least loaded + balance_abs
+    assert _choose(router, workers) != "w0"
