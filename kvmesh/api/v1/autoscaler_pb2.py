@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from kvmesh.api.v1 import common_pb2 as kvmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1akvmesh/v1/autoscaler.proto\x12\tkvmesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16kvmesh/v1/common.proto\"\x98\x02\n\rScalingPolicy\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1d\n\x04tier\x18\x02 \x01(\x0e\x32\x0f.kvmesh.v1.Tier\x12\x14\n\x0cmin_replicas\x18\x03 \x01(\r\x12\x14\n\x0cmax_replicas\x18\x04 \x01(\r\x12$\n\x04mode\x18\x05 \x01(\x0e\x32\x16.kvmesh.v1.ScalingMode\x12\x1a\n\x12target_utilization\x18\x06 \x01(\x01\x12\x15\n\rtarget_ttft_s\x18\x07 \x01(\x01\x12\x14\n\x0ctarget_itl_s\x18\x08 \x01(\x01\x12\x10\n\x08window_s\x18\t \x01(\x01\x12\x1a\n\x12scale_down_delay_s\x18\n \x01(\x01\x12\x10\n\x08max_step\x18\x0b \x01(\r\"@\n\x10GetPolicyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1d\n\x04tier\x18\x02 \x01(\x0e\x32\x0f.kvmesh.v1.Tier\"<\n\x10SetPolicyRequest\x12(\n\x06policy\x18\x01 \x01(\x0b\x32\x18.kvmesh.v1.ScalingPolicy\"\x94\x02\n\x0fScalingDecision\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05model\x18\x02 \x01(\t\x12\x1d\n\x04tier\x18\x03 \x01(\x0e\x32\x0f.kvmesh.v1.Tier\x12\x18\n\x10\x63urrent_replicas\x18\x04 \x01(\r\x12\x18\n\x10\x64\x65sired_replicas\x18\x05 \x01(\r\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x36\n\x06inputs\x18\x07 \x03(\x0b\x32&.kvmesh.v1.ScalingDecision.InputsEntry\x1a-\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"4\n\x14ListDecisionsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"F\n\x15ListDecisionsResponse\x12-\n\tdecisions\x18\x01 \x03(\x0b\x32\x1a.kvmesh.v1.ScalingDecision*X\n\x0bScalingMode\x12\x1c\n\x18SCALING_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11SCALING_MODE_LOAD\x10\x01\x12\x14\n\x10SCALING_MODE_SLA\x10\x02\x32\xe8\x01\n\nAutoscaler\x12\x42\n\tGetPolicy\x12\x1b.kvmesh.v1.GetPolicyRequest\x1a\x18.kvmesh.v1.ScalingPolicy\x12\x42\n\tSetPolicy\x12\x1b.kvmesh.v1.SetPolicyRequest\x1a\x18.kvmesh.v1.ScalingPolicy\x12R\n\rListDecisions\x12\x1f.kvmesh.v1.ListDecisionsRequest\x1a .kvmesh.v1.ListDecisionsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1akvmesh/v1/autoscaler.proto\x12\tkvmesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16kvmesh/v1/common.proto\"\xb5\x02\n\rScalingPolicy\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1d\n\x04tier\x18\x02 \x01(\x0e\x32\x0f.kvmesh.v1.Tier\x12\x14\n\x0cmin_replicas\x18\x03 \x01(\r\x12\x14\n\x0cmax_replicas\x18\x04 \x01(\r\x12$\n\x04mode\x18\x05 \x01(\x0e\x32\x16.kvmesh.v1.ScalingMode\x12\x1a\n\x12target_utilization\x18\x06 \x01(\x01\x12\x15\n\rtarget_ttft_s\x18\x07 \x01(\x01\x12\x14\n\x0ctarget_itl_s\x18\x08 \x01(\x01\x12\x10\n\x08window_s\x18\t \x01(\x01\x12\x1a\n\x12scale_down_delay_s\x18\n \x01(\x01\x12\x10\n\x08max_step\x18\x0b \x01(\r\x12\x1b\n\x13replica_concurrency\x18\x0c \x01(\r\"@\n\x10GetPolicyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1d\n\x04tier\x18\x02 \x01(\x0e\x32\x0f.kvmesh.v1.Tier\"<\n\x10SetPolicyRequest\x12(\n\x06policy\x18\x01 \x01(\x0b\x32\x18.kvmesh.v1.ScalingPolicy\"\x94\x02\n\x0fScalingDecision\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05model\x18\x02 \x01(\t\x12\x1d\n\x04tier\x18\x03 \x01(\x0e\x32\x0f.kvmesh.v1.Tier\x12\x18\n\x10\x63urrent_replicas\x18\x04 \x01(\r\x12\x18\n\x10\x64\x65sired_replicas\x18\x05 \x01(\r\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x36\n\x06inputs\x18\x07 \x03(\x0b\x32&.kvmesh.v1.ScalingDecision.InputsEntry\x1a-\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"4\n\x14ListDecisionsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"F\n\x15ListDecisionsResponse\x12-\n\tdecisions\x18\x01 \x03(\x0b\x32\x1a.kvmesh.v1.ScalingDecision*X\n\x0bScalingMode\x12\x1c\n\x18SCALING_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11SCALING_MODE_LOAD\x10\x01\x12\x14\n\x10SCALING_MODE_SLA\x10\x02\x32\xe8\x01\n\nAutoscaler\x12\x42\n\tGetPolicy\x12\x1b.kvmesh.v1.GetPolicyRequest\x1a\x18.kvmesh.v1.ScalingPolicy\x12\x42\n\tSetPolicy\x12\x1b.kvmesh.v1.SetPolicyRequest\x1a\x18.kvmesh.v1.ScalingPolicy\x12R\n\rListDecisions\x12\x1f.kvmesh.v1.ListDecisionsRequest\x1a .kvmesh.v1.ListDecisionsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,22 +36,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SCALINGDECISION_INPUTSENTRY']._loaded_options = None
   _globals['_SCALINGDECISION_INPUTSENTRY']._serialized_options = b'8\001'
-  _globals['_SCALINGMODE']._serialized_start=914
-  _globals['_SCALINGMODE']._serialized_end=1002
+  _globals['_SCALINGMODE']._serialized_start=943
+  _globals['_SCALINGMODE']._serialized_end=1031
   _globals['_SCALINGPOLICY']._serialized_start=99
-  _globals['_SCALINGPOLICY']._serialized_end=379
-  _globals['_GETPOLICYREQUEST']._serialized_start=381
-  _globals['_GETPOLICYREQUEST']._serialized_end=445
-  _globals['_SETPOLICYREQUEST']._serialized_start=447
-  _globals['_SETPOLICYREQUEST']._serialized_end=507
-  _globals['_SCALINGDECISION']._serialized_start=510
-  _globals['_SCALINGDECISION']._serialized_end=786
-  _globals['_SCALINGDECISION_INPUTSENTRY']._serialized_start=741
-  _globals['_SCALINGDECISION_INPUTSENTRY']._serialized_end=786
-  _globals['_LISTDECISIONSREQUEST']._serialized_start=788
-  _globals['_LISTDECISIONSREQUEST']._serialized_end=840
-  _globals['_LISTDECISIONSRESPONSE']._serialized_start=842
-  _globals['_LISTDECISIONSRESPONSE']._serialized_end=912
-  _globals['_AUTOSCALER']._serialized_start=1005
-  _globals['_AUTOSCALER']._serialized_end=1237
+  _globals['_SCALINGPOLICY']._serialized_end=408
+  _globals['_GETPOLICYREQUEST']._serialized_start=410
+  _globals['_GETPOLICYREQUEST']._serialized_end=474
+  _globals['_SETPOLICYREQUEST']._serialized_start=476
+  _globals['_SETPOLICYREQUEST']._serialized_end=536
+  _globals['_SCALINGDECISION']._serialized_start=539
+  _globals['_SCALINGDECISION']._serialized_end=815
+  _globals['_SCALINGDECISION_INPUTSENTRY']._serialized_start=770
+  _globals['_SCALINGDECISION_INPUTSENTRY']._serialized_end=815
+  _globals['_LISTDECISIONSREQUEST']._serialized_start=817
+  _globals['_LISTDECISIONSREQUEST']._serialized_end=869
+  _globals['_LISTDECISIONSRESPONSE']._serialized_start=871
+  _globals['_LISTDECISIONSRESPONSE']._serialized_end=941
+  _globals['_AUTOSCALER']._serialized_start=1034
+  _globals['_AUTOSCALER']._serialized_end=1266
 # @@protoc_insertion_point(module_scope)

@@ -58,6 +58,7 @@ class ScalingPolicy(_message.Message):
     WINDOW_S_FIELD_NUMBER: _builtins.int
     SCALE_DOWN_DELAY_S_FIELD_NUMBER: _builtins.int
     MAX_STEP_FIELD_NUMBER: _builtins.int
+    REPLICA_CONCURRENCY_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     tier: _common_pb2.Tier.ValueType
     min_replicas: _builtins.int
@@ -75,6 +76,8 @@ class ScalingPolicy(_message.Message):
     scale_down_delay_s: _builtins.float
     max_step: _builtins.int
     """replicas added or removed per decision"""
+    replica_concurrency: _builtins.int
+    """LOAD: requests one replica is sized for; 0 = default (8)"""
     def __init__(
         self,
         *,
@@ -89,10 +92,11 @@ class ScalingPolicy(_message.Message):
         window_s: _builtins.float = ...,
         scale_down_delay_s: _builtins.float = ...,
         max_step: _builtins.int = ...,
+        replica_concurrency: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_replicas", b"max_replicas", "max_step", b"max_step", "min_replicas", b"min_replicas", "mode", b"mode", "model", b"model", "scale_down_delay_s", b"scale_down_delay_s", "target_itl_s", b"target_itl_s", "target_ttft_s", b"target_ttft_s", "target_utilization", b"target_utilization", "tier", b"tier", "window_s", b"window_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_replicas", b"max_replicas", "max_step", b"max_step", "min_replicas", b"min_replicas", "mode", b"mode", "model", b"model", "replica_concurrency", b"replica_concurrency", "scale_down_delay_s", b"scale_down_delay_s", "target_itl_s", b"target_itl_s", "target_ttft_s", b"target_ttft_s", "target_utilization", b"target_utilization", "tier", b"tier", "window_s", b"window_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
