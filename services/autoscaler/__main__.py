@@ -1,0 +1,8 @@
+import asyncio
+
+from kvmesh.telemetry import configure_logging
+from services.autoscaler.main import parse, run_autoscaler
+
+config, log_level = parse()
+configure_logging(log_level)
+asyncio.run(run_autoscaler(config))

@@ -1,0 +1,114 @@
+"""Wiring: command line -> discovery -> policy store, observer, tick loop -> servicer -> serve.
+
+    python -m services.autoscaler --registry 127.0.0.1:8500 --port 0 --tick-s 5 \\
+        --admin-token TOKEN     # or KVMESH_ADMIN_TOKEN
+
+With an admin token every `Autoscaler` RPC needs `authorization: Bearer TOKEN`: policies change
+how many GPUs a cluster holds, and decisions reveal its load, so reads are guarded as well as
+writes. Without one the RPCs are open (development only) and a warning says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+from dataclasses import dataclass
+
+import structlog
+
+from kvmesh.api.v1 import autoscaler_pb2, autoscaler_pb2_grpc
+from kvmesh.discovery import Discovery
+from kvmesh.rpc import RpcServer, ServerConfig, ServiceBinding, TokenAuthenticator
+from kvmesh.rpc.service import ServiceSpec, run_service
+from services.autoscaler.loop import DEFAULT_TICK_S, AutoscalerLoop, DecisionLog, DiscoveryObserver
+from services.autoscaler.servicer import AutoscalerServicer
+from services.autoscaler.store import PolicyStore
+
+log = structlog.get_logger(__name__)
+
+SERVICE_NAME = autoscaler_pb2.DESCRIPTOR.services_by_name["Autoscaler"].full_name
+METHOD_PREFIX = f"/{SERVICE_NAME}/"  # every Autoscaler method
+
+
+@dataclass(slots=True)
+class AutoscalerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50061
+    registry: str | None = None  # None: CONSUL_HTTP_ADDR or 127.0.0.1:8500, and not registered
+    tick_s: float = DEFAULT_TICK_S
+    admin_token: str | None = None
+    metrics_port: int | None = 0
+    grace_s: float = 5.0
+
+
+def parse(argv: list[str] | None = None) -> tuple[AutoscalerConfig, str]:
+    """The config and the log level."""
+    parser = argparse.ArgumentParser(prog="python -m services.autoscaler")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=50061, help="0: any free port")
+    parser.add_argument("--registry", default=os.environ.get("CONSUL_HTTP_ADDR"))
+    parser.add_argument("--tick-s", type=float, default=DEFAULT_TICK_S)
+    parser.add_argument(
+        "--admin-token",
+        default=os.environ.get("KVMESH_ADMIN_TOKEN") or None,
+        help="bearer token every Autoscaler RPC needs (default: $KVMESH_ADMIN_TOKEN)",
+    )
+    parser.add_argument("--metrics-port", type=int, default=0, help="-1: no /metrics endpoint")
+    parser.add_argument("--grace-s", type=float, default=5.0)
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    if args.tick_s <= 0:
+        parser.error("--tick-s must be positive")
+    config = AutoscalerConfig(
+        host=args.host,
+        port=args.port,
+        registry=args.registry,
+        tick_s=args.tick_s,
+        admin_token=args.admin_token,
+        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        grace_s=args.grace_s,
+    )
+    return config, args.log_level
+
+
+async def run_autoscaler(config: AutoscalerConfig) -> None:
+    discovery = Discovery(config.registry)
+    decisions = DecisionLog()
+    store = PolicyStore(discovery)
+    observer = DiscoveryObserver(discovery)
+    loop = AutoscalerLoop(
+        store, observer, decisions, discovery, pair_source=observer, tick_s=config.tick_s
+    )
+    servicer = AutoscalerServicer(store, decisions)
+    binding = ServiceBinding(
+        SERVICE_NAME,
+        lambda server: autoscaler_pb2_grpc.add_AutoscalerServicer_to_server(servicer, server),
+    )
+    authenticator = None
+    if config.admin_token:
+        authenticator = TokenAuthenticator(config.admin_token, [METHOD_PREFIX])
+    else:
+        log.warning("no admin token: the Autoscaler RPCs are open to anyone who can connect")
+    spec = ServiceSpec(
+        role="autoscaler",
+        services=[binding],
+        server=ServerConfig(host=config.host, port=config.port, grace_s=config.grace_s),
+        registry=config.registry,
+        tags=["role=autoscaler"],
+        metrics_port=config.metrics_port,
+        authenticator=authenticator,
+    )
+
+    def serving(server: RpcServer, metrics_port: int | None) -> None:
+        print(f"autoscaler serving {server.address} metrics_port={metrics_port}", flush=True)
+
+    ticking = asyncio.create_task(loop.run(), name="autoscaler-loop")
+    try:
+        await run_service(spec, on_serving=serving)
+    finally:
+        ticking.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await ticking
+        await discovery.close()
