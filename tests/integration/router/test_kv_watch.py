@@ -21,6 +21,8 @@ from kvmesh.telemetry import metrics
 from services.router.index import APPROXIMATE, EXACT, PrefixIndex
 from services.router.kv_watch import KvEventFollower
 
+HEARTBEAT_S = 0.05
+
 
 class ScriptedWorker(worker_pb2_grpc.WorkerServicer):
     def __init__(self) -> None:
@@ -41,8 +43,11 @@ class ScriptedWorker(worker_pb2_grpc.WorkerServicer):
     ) -> AsyncIterator[worker_pb2.KvEventBatch]:
         self.watch_from.append(request.from_event_id)
         while True:
-            batch = await self.batches.get()
-            if batch is None:  # scripted silence: no events, no heartbeat
+            try:
+                batch = await asyncio.wait_for(self.batches.get(), HEARTBEAT_S)
+            except TimeoutError:  # idle: a heartbeat, as a real worker sends
+                batch = worker_pb2.KvEventBatch(last_event_id=request.from_event_id)
+            if batch is None:  # scripted silence on this stream: no events, no heartbeat
                 await asyncio.Event().wait()
             assert batch is not None
             yield batch
@@ -110,6 +115,8 @@ async def test_a_gap_resyncs_from_a_new_snapshot(worker: tuple[ScriptedWorker, s
         await eventually(lambda: index.last_event_id("w1") == 40)
         assert index.overlap([7, 8, 9], ["w1"]) == {"w1": 3}
         assert index.overlap([1, 2], ["w1"]) == {"w1": 0}
+        # The follower watches again from the new snapshot (its call may still be on the way).
+        await eventually(lambda: len(servicer.watch_from) == 2)
         assert servicer.watch_from == [10, 40]
         await servicer.batches.put(worker_pb2.KvEventBatch(gap=True, last_event_id=50))
         await eventually(lambda: servicer.snapshots_taken == 3)
@@ -131,7 +138,6 @@ async def test_a_stalled_stream_turns_the_worker_approximate_and_back(
         index.routed("w1", [1, 2, 3])  # routing now feeds the index
         assert index.overlap([1, 2, 3], ["w1"]) == {"w1": 3}
         # The follower retries: the next stream heartbeats, so the worker is exact again.
-        await servicer.batches.put(worker_pb2.KvEventBatch(last_event_id=10))
         await eventually(lambda: index.mode("w1") == EXACT)
         assert metrics.ROUTER_KV_INDEX_EXACT.labels("w1")._value.get() == 1
     assert metrics.ROUTER_KV_INDEX_FALLBACKS.labels("stalled")._value.get() == fallbacks + 1
