@@ -483,5 +483,14 @@ def _emit(report: dict[str, Any], json_out: Path | None) -> None:
         json_out.write_text(text + "\n")
 
 
+def _add_ctl() -> None:
+    from kvmesh.ctl import ctl
+
+    main.add_command(ctl)
+
+
+_add_ctl()
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

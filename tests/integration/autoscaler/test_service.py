@@ -46,6 +46,7 @@ class Service:
     store: PolicyStore
     decisions: DecisionLog
     discovery: Discovery
+    address: str = ""
 
 
 @pytest.fixture
@@ -65,7 +66,8 @@ async def service() -> AsyncIterator[Service]:
         await server.start()
         channel = open_channel(server.address)
         try:
-            yield Service(autoscaler_pb2_grpc.AutoscalerStub(channel), store, decisions, discovery)
+            stub = autoscaler_pb2_grpc.AutoscalerStub(channel)
+            yield Service(stub, store, decisions, discovery, server.address)
         finally:
             await channel.close()
             await server.stop(0)
