@@ -54,6 +54,16 @@ class ServiceInstance:
     def grpc_address(self) -> str:
         return f"{self.address}:{self.port}"
 
+    @property
+    def model(self) -> str:
+        """The model it serves: meta `model`, else a `model=...` tag (routers), else ""."""
+        if self.meta.get("model"):
+            return self.meta["model"]
+        for tag in self.tags:
+            if tag.startswith("model="):
+                return tag.removeprefix("model=")
+        return ""
+
 
 @dataclass(frozen=True, slots=True)
 class Registration:

@@ -44,7 +44,8 @@ class ServiceSpec:
         return f"kvmesh-{self.role}"
 
 
-def registration_for(spec: ServiceSpec, port: int) -> Registration:
+def registration_for(spec: ServiceSpec, port: int, metrics_port: int | None = None) -> Registration:
+    """Meta gets `metrics_port` when the service serves /metrics (the autoscaler scrapes it)."""
     host = spec.server.host
     service_id = f"{spec.consul_name}-{socket.gethostname()}-{host}-{port}"
     return Registration(
@@ -53,7 +54,7 @@ def registration_for(spec: ServiceSpec, port: int) -> Registration:
         address=host,
         port=port,
         tags=tuple(spec.tags),
-        meta=dict(spec.meta),
+        meta=dict(spec.meta) | ({"metrics_port": str(metrics_port)} if metrics_port else {}),
         ttl_s=spec.ttl_s,
         grpc_check_interval_s=None if spec.ttl_s is not None else spec.grpc_check_interval_s,
         deregister_critical_after_s=spec.deregister_critical_after_s,
@@ -82,7 +83,8 @@ async def run_service(
         await server.set_serving(True)
         if spec.registry is not None:
             discovery = Discovery(spec.registry)
-            registrar = Registrar(discovery, registration_for(spec, port))
+            registration = registration_for(spec, port, metrics.port if metrics else None)
+            registrar = Registrar(discovery, registration)
             await registrar.start()
             server.on_stop(registrar.stop)
         log.info(

@@ -51,6 +51,7 @@ DEFAULT_MAX_SAMPLES = 10_000  # latency samples kept per scaler: bounds memory a
 class LatencySample:
     time: float  # when it was measured, on the scaler's clock
     seconds: float
+    count: int = 1  # this many requests (or tokens) took `seconds`: a histogram bucket's share
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,16 +214,17 @@ class Scaler:
         self, current: int, has_demand: bool, inputs: dict[str, float]
     ) -> tuple[int, str]:
         p = self._policy
-        values = [s.seconds for s in self._samples]
-        inputs["samples"] = len(values)
+        samples = [s for s in self._samples if s.count > 0]
+        total = sum(s.count for s in samples)
+        inputs["samples"] = total
         if p.tier == PREFILL:
             metric, target = "p90 TTFT", p.target_ttft_s
-            observed = _p90(values) if values else math.nan
+            observed = _p90(samples) if samples else math.nan
         else:
             metric, target = "mean ITL", p.target_itl_s
-            observed = sum(values) / len(values) if values else math.nan
+            observed = sum(s.seconds * s.count for s in samples) / total if samples else math.nan
         inputs["target_s"] = target
-        if not values:
+        if not samples:
             if has_demand:
                 return current, f"no {metric} samples in the {p.window_s:g} s window: keeping it"
             return 0, f"no demand in the {p.window_s:g} s window needs 0"
@@ -290,10 +292,17 @@ def _ceil(ratio: float) -> int:
     return max(0, math.ceil(ratio - _EPSILON))
 
 
-def _p90(values: Sequence[float]) -> float:
-    """Nearest rank: the smallest value that at least 90 % of the samples do not exceed."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(0.9 * len(ordered)) - 1)]
+def _p90(samples: Sequence[LatencySample]) -> float:
+    """Nearest rank: the smallest value that at least 90 % of the samples do not exceed
+    (a sample of count n counts n times)."""
+    ordered = sorted(samples, key=lambda s: s.seconds)
+    rank = max(1, math.ceil(0.9 * sum(s.count for s in ordered)))
+    seen = 0
+    for sample in ordered:
+        seen += sample.count
+        if seen >= rank:
+            return sample.seconds
+    return ordered[-1].seconds
 
 
 def _replicas(n: int) -> str:

@@ -18,20 +18,20 @@ import asyncio
 import json
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Protocol
 
 import structlog
 
-from kvmesh.discovery import Discovery, DiscoveryError, ServiceInstance
+from kvmesh.discovery import DiscoveryError
+from kvmesh.discovery.keys import DESIRED_PREFIX
 from kvmesh.engine.errors import InvalidRequestError
 from kvmesh.telemetry import metrics
 from services.autoscaler.decide import Decision, Observation, Scaler
-from services.autoscaler.policy import TIERS, Policy
+from services.autoscaler.policy import Policy
 
 log = structlog.get_logger(__name__)
 
-DESIRED_PREFIX = "kvmesh/autoscaler/desired/"
 DEFAULT_TICK_S = 5.0
 DEFAULT_DECISIONS_KEPT = 10_000
 DEFAULT_LIST_LIMIT = 50
@@ -208,40 +208,3 @@ class AutoscalerLoop:
             )
             return
         self._published[pair] = decision.desired
-
-
-class DiscoveryObserver:
-    """The minimal observer: ready replicas from discovery alone.
-
-    A replica is a passing instance of `kvmesh-<tier>` whose meta `model` (or tag `model=...`,
-    both set by `kvmesh/worker/runtime.py`) names the model. It reports no load and no latency
-    samples, so in load mode only min / max and scale-to-zero act; observers that read worker
-    load and router latency come next.
-    """
-
-    def __init__(self, discovery: Discovery, *, datacenter: str | None = None) -> None:
-        self._discovery = discovery
-        self._datacenter = datacenter
-
-    async def observe(self, model: str, tier: str) -> Observation:
-        instances = await self._instances(tier)
-        return Observation(ready_replicas=sum(1 for i in instances if _model_of(i) == model))
-
-    async def pairs(self) -> set[Pair]:
-        found: set[Pair] = set()
-        for tier in TIERS:
-            found |= {(m, tier) for i in await self._instances(tier) if (m := _model_of(i))}
-        return found
-
-    async def _instances(self, tier: str) -> Iterable[ServiceInstance]:
-        _, instances = await self._discovery.healthy(f"kvmesh-{tier}", datacenter=self._datacenter)
-        return instances
-
-
-def _model_of(instance: ServiceInstance) -> str:
-    if instance.meta.get("model"):
-        return instance.meta["model"]
-    for tag in instance.tags:
-        if tag.startswith("model="):
-            return tag.removeprefix("model=")
-    return ""

@@ -22,7 +22,8 @@ from kvmesh.api.v1 import autoscaler_pb2, autoscaler_pb2_grpc
 from kvmesh.discovery import Discovery
 from kvmesh.rpc import RpcServer, ServerConfig, ServiceBinding, TokenAuthenticator
 from kvmesh.rpc.service import ServiceSpec, run_service
-from services.autoscaler.loop import DEFAULT_TICK_S, AutoscalerLoop, DecisionLog, DiscoveryObserver
+from services.autoscaler.loop import DEFAULT_TICK_S, AutoscalerLoop, DecisionLog
+from services.autoscaler.observe import MeshObserver
 from services.autoscaler.servicer import AutoscalerServicer
 from services.autoscaler.store import PolicyStore
 
@@ -39,6 +40,7 @@ class AutoscalerConfig:
     registry: str | None = None  # None: CONSUL_HTTP_ADDR or 127.0.0.1:8500, and not registered
     tick_s: float = DEFAULT_TICK_S
     admin_token: str | None = None
+    models: tuple[str, ...] = ()  # sized from the start, before any replica registers
     metrics_port: int | None = 0
     grace_s: float = 5.0
 
@@ -55,6 +57,12 @@ def parse(argv: list[str] | None = None) -> tuple[AutoscalerConfig, str]:
         default=os.environ.get("KVMESH_ADMIN_TOKEN") or None,
         help="bearer token every Autoscaler RPC needs (default: $KVMESH_ADMIN_TOKEN)",
     )
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        help="a model id (as workers register it) to size even while it has no replicas; repeat",
+    )
     parser.add_argument("--metrics-port", type=int, default=0, help="-1: no /metrics endpoint")
     parser.add_argument("--grace-s", type=float, default=5.0)
     parser.add_argument("--log-level", default="INFO")
@@ -67,6 +75,7 @@ def parse(argv: list[str] | None = None) -> tuple[AutoscalerConfig, str]:
         registry=args.registry,
         tick_s=args.tick_s,
         admin_token=args.admin_token,
+        models=tuple(args.model),
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         grace_s=args.grace_s,
     )
@@ -77,7 +86,7 @@ async def run_autoscaler(config: AutoscalerConfig) -> None:
     discovery = Discovery(config.registry)
     decisions = DecisionLog()
     store = PolicyStore(discovery)
-    observer = DiscoveryObserver(discovery)
+    observer = MeshObserver(discovery, models=config.models)
     loop = AutoscalerLoop(
         store, observer, decisions, discovery, pair_source=observer, tick_s=config.tick_s
     )
@@ -111,4 +120,5 @@ async def run_autoscaler(config: AutoscalerConfig) -> None:
         ticking.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await ticking
+        await observer.close()
         await discovery.close()

@@ -17,12 +17,11 @@ from collections.abc import AsyncGenerator
 import structlog
 
 from kvmesh.discovery import Discovery, KvEntry
+from kvmesh.discovery.keys import POLICY_PREFIX
 from kvmesh.engine.errors import InvalidRequestError
 from services.autoscaler.policy import Policy
 
 log = structlog.get_logger(__name__)
-
-POLICY_PREFIX = "kvmesh/autoscaler/policies/"
 
 
 class StoredPolicyError(Exception):

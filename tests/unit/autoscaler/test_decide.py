@@ -263,6 +263,17 @@ def test_sla_prefill_scales_up_from_the_p90_ttft() -> None:
     assert (d.inputs["observed_s"], d.inputs["target_s"], d.inputs["samples"]) == (1.0, 0.5, 10)
 
 
+def test_counted_samples_weigh_as_many_samples() -> None:
+    clock = FakeClock()
+    # a histogram's share: 8 requests at 0.2 s and 2 at 1.0 s is the test above, bucketed
+    ttft = (LatencySample(1000.0, 0.2, count=8), LatencySample(1000.0, 1.0, count=2))
+    d = at(clock, 0, sla(clock, "prefill"), current=2, load=3, ttft=ttft)
+    assert (d.desired, d.inputs["observed_s"], d.inputs["samples"]) == (4, 1.0, 10)
+    itl = (LatencySample(1000.0, 0.01, count=3), LatencySample(1000.0, 0.05, count=1))
+    d = at(clock, 0, sla(clock, "decode"), current=4, load=3, itl=itl)
+    assert d.inputs["observed_s"] == pytest.approx(0.02)  # (3 x 0.01 + 0.05) / 4
+
+
 def test_sla_prefill_ignores_itl_and_decode_ignores_ttft() -> None:
     clock = FakeClock()
     d = at(clock, 0, sla(clock, "prefill"), current=2, load=3, itl=_samples(0, 9.0))

@@ -8,13 +8,12 @@ import json
 
 import pytest
 
-from kvmesh.discovery import DiscoveryError, ServiceInstance
+from kvmesh.discovery import DiscoveryError
 from kvmesh.telemetry import metrics
 from services.autoscaler.decide import Decision, Observation
 from services.autoscaler.loop import (
     AutoscalerLoop,
     DecisionLog,
-    DiscoveryObserver,
     Pair,
 )
 from services.autoscaler.policy import Policy
@@ -196,36 +195,3 @@ async def test_an_unreadable_store_skips_the_tick() -> None:
 def test_tick_s_must_be_positive() -> None:
     with pytest.raises(ValueError, match="tick_s"):
         AutoscalerLoop(FakeStore(), FakeObserver(), DecisionLog(), FakeKv(), tick_s=0)
-
-
-class FakeHealth:
-    def __init__(self, instances: dict[str, list[ServiceInstance]]) -> None:
-        self.instances = instances
-
-    async def healthy(
-        self, service: str, *, datacenter: str | None = None
-    ) -> tuple[int, list[ServiceInstance]]:
-        return 1, self.instances.get(service, [])
-
-
-def _worker(n: int, tier: str, model: str, *, by_tag: bool = False) -> ServiceInstance:
-    meta = {} if by_tag else {"model": model}
-    tags = (f"model={model}", f"role={tier}") if by_tag else (f"role={tier}",)
-    return ServiceInstance(f"w{n}", f"kvmesh-{tier}", "127.0.0.1", 9000 + n, tags, meta)
-
-
-async def test_the_discovery_observer_counts_healthy_replicas_of_the_model() -> None:
-    health = FakeHealth(
-        {
-            "kvmesh-decode": [
-                _worker(1, "decode", "a"),
-                _worker(2, "decode", "a", by_tag=True),
-                _worker(3, "decode", "b"),
-            ],
-            "kvmesh-prefill": [_worker(4, "prefill", "a")],
-        }
-    )
-    observer = DiscoveryObserver(health)  # type: ignore[arg-type]  # only healthy() is used
-    assert await observer.observe("a", "decode") == Observation(ready_replicas=2)
-    assert await observer.observe("b", "prefill") == Observation(ready_replicas=0)
-    assert await observer.pairs() == {("a", "decode"), ("b", "decode"), ("a", "prefill")}
