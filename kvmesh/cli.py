@@ -212,6 +212,25 @@ def bench_engine(
 @click.option(
     "--log-dir", type=click.Path(path_type=Path), default=Path(".kvmesh/logs"), show_default=True
 )
+@click.option(
+    "--clusters",
+    default="",
+    help="comma-separated cluster names, e.g. us-east,eu-west: a datacenter, workers and a "
+    "router each, one edge in front (default: one cluster)",
+)
+@click.option(
+    "--autoscale/--no-autoscale",
+    default=False,
+    show_default=True,
+    help="start the autoscaler and the control plane; the control plane starts the workers",
+)
+@click.option("--capacity", default=4, show_default=True, help="autoscale: replicas per cluster")
+@click.option(
+    "--admin-token",
+    envvar="KVMESH_ADMIN_TOKEN",
+    default=None,
+    help="admin token of the autoscaler and control plane (env KVMESH_ADMIN_TOKEN)",
+)
 def up(
     model: str,
     num_prefill: int,
@@ -222,13 +241,26 @@ def up(
     device: str,
     disagg_min_tokens: int,
     log_dir: Path,
+    clusters: str,
+    autoscale: bool,
+    capacity: int,
+    admin_token: str | None,
 ) -> None:
     """Start the whole mesh on this machine: registry, workers, router, HTTP edge."""
     from kvmesh.up import UpConfig, run
 
     if num_decode < 1 or num_prefill < 0:
         raise click.BadParameter("--decode must be at least 1 and --prefill at least 0")
+    names = tuple(c.strip() for c in clusters.split(",") if c.strip())
+    if len(set(names)) != len(names):
+        raise click.BadParameter(f"cluster names repeat: {clusters}", param_hint="--clusters")
+    if capacity < num_prefill + num_decode:
+        raise click.BadParameter("--capacity must hold --prefill + --decode")
     config = UpConfig(
+        clusters=names,
+        autoscale=autoscale,
+        capacity=capacity,
+        admin_token=admin_token,
         model=model,
         num_prefill=num_prefill,
         num_decode=num_decode,
@@ -481,6 +513,34 @@ def _emit(report: dict[str, Any], json_out: Path | None) -> None:
     click.echo(text)
     if json_out is not None:
         json_out.write_text(text + "\n")
+
+
+@main.command("bench-autoscale")
+@click.option(
+    "--scenario",
+    "scenarios",
+    multiple=True,
+    type=click.Choice(["step", "zero", "failover", "cordon", "spillover"]),
+    help="repeat; default: all, in this order",
+)
+@click.option("--model", default="smollm2", show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--low-rate", default=0.5, show_default=True, help="requests/s before the step")
+@click.option("--high-rate", default=4.0, show_default=True, help="requests/s after the step")
+@click.option("--low-s", default=15.0, show_default=True)
+@click.option("--high-s", default=40.0, show_default=True)
+@click.option("--scale-down-delay-s", default=20.0, show_default=True)
+@click.option("--window-s", default=10.0, show_default=True)
+@click.option("--replica-concurrency", default=4, show_default=True)
+@click.option("--ttft-target-s", default=2.0, show_default=True, help="spillover's TTFT target")
+@click.option("--saturation-in-flight", default=3, show_default=True)
+@click.option("--json-out", type=click.Path(path_type=Path), default=None)
+def bench_autoscale(json_out: Path | None, scenarios: tuple[str, ...], **options: Any) -> None:
+    """Autoscaling, scale to zero, failover, cordon and spillover (issue 6's must-shows)."""
+    from kvmesh.bench import autoscale
+
+    bench = autoscale.AutoscaleBench(**options)
+    _emit(asyncio.run(autoscale.run(bench, scenarios or autoscale.SCENARIOS)), json_out)
 
 
 def _add_ctl() -> None:

@@ -1,17 +1,20 @@
 """`kvmesh up`: the whole mesh on one machine, as separate processes.
 
-    embedded registry -> prefill and decode workers -> router -> HTTP edge
+    embedded registry (one datacenter per cluster)
+      -> per cluster: prefill and decode workers, a router
+      -> one HTTP edge in front of every cluster's router (failover, spillover)
+      -> with --autoscale: the autoscaler and the control plane, whose local actuator starts
+         and drains the workers instead of `up`
 
-Each child prints one line when it serves (`... serving ADDRESS` / `edge listening on URL`);
-`up` waits for those lines, then for the edge's /health to say a request can be served, prints
-the endpoints, and on Ctrl-C or SIGTERM stops the children in reverse order (SIGTERM, a grace
-period, then SIGKILL). Children's logs go to files under `--log-dir`.
+Each child prints one line when it serves (`kvmesh/process.py`); `up` waits for those lines, then
+for the edge's /health to say a request can be served, prints the endpoints, and on Ctrl-C or
+SIGTERM stops the children in reverse order (SIGTERM, a grace period, then SIGKILL). Children's
+logs go to files under `--log-dir`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import sys
@@ -19,72 +22,49 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
 
 import aiohttp
+import grpc
 import structlog
 
+from kvmesh.api.v1 import autoscaler_pb2, autoscaler_pb2_grpc, common_pb2
 from kvmesh.engine import loader
+from kvmesh.process import Child, start_child, stop_child, wait_ready
+
+__all__ = ["Child", "Mesh", "UpConfig", "run", "worker_devices"]
 
 log = structlog.get_logger(__name__)
+
+DEFAULT_CLUSTER = "dc1"  # the embedded registry's datacenter when no --clusters are given
 
 
 @dataclass(slots=True)
 class UpConfig:
     model: str = "smollm2"
-    num_prefill: int = 1
+    num_prefill: int = 1  # per cluster (with autoscale: the policies' min replicas)
     num_decode: int = 1
     host: str = "127.0.0.1"
     registry_port: int = 8500
-    router_port: int = 50051
+    router_port: int = 50051  # the first cluster's router; the others take free ports
     edge_port: int = 8000
     disagg_min_tokens: int = 64
     device: str = "auto"
     log_dir: Path = field(default_factory=lambda: Path(".kvmesh/logs"))
     start_timeout_s: float = 300.0
     grace_s: float = 10.0
+    clusters: tuple[str, ...] = ()  # empty: one cluster, DEFAULT_CLUSTER
+    autoscale: bool = False  # the control plane starts the workers; the autoscaler sizes them
+    admin_token: str | None = None  # for the autoscaler's and control plane's admin RPCs
+    capacity: int = 4  # with autoscale: replicas one cluster may hold
+    autoscaler_tick_s: float = 2.0
     extra_worker_args: list[str] = field(default_factory=list)
     extra_router_args: list[str] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class Child:
-    """One child process and the line it printed when it started serving.
-
-    Workers print `<tier> serving ADDRESS worker_id=ID metrics_port=PORT`, routers
-    `router serving ADDRESS metrics_port=PORT`, the edge `edge listening on URL`.
-    """
-
-    name: str
-    process: asyncio.subprocess.Process
-    log_file: IO[bytes]
-    ready_line: str = ""
+    extra_edge_args: list[str] = field(default_factory=list)
+    extra_controlplane_args: list[str] = field(default_factory=list)
 
     @property
-    def address(self) -> str:
-        """The gRPC address of a worker or router (the edge's URL for the edge)."""
-        return self.ready_line.split()[-1] if self.name.startswith("edge") else self._word(2)
-
-    @property
-    def metrics_port(self) -> int:
-        return int(self._field("metrics_port"))
-
-    @property
-    def worker_id(self) -> str:
-        return self._field("worker_id")
-
-    @property
-    def alive(self) -> bool:
-        return self.process.returncode is None
-
-    def _word(self, index: int) -> str:
-        return self.ready_line.split()[index]
-
-    def _field(self, key: str) -> str:
-        for word in self.ready_line.split():
-            if word.startswith(key + "="):
-                return word.split("=", 1)[1]
-        raise ValueError(f"{self.name} printed no {key}: {self.ready_line!r}")
+    def cluster_names(self) -> tuple[str, ...]:
+        return self.clusters or (DEFAULT_CLUSTER,)
 
 
 class Mesh:
@@ -93,68 +73,169 @@ class Mesh:
     def __init__(self, config: UpConfig) -> None:
         self.config = config
         self.children: list[Child] = []
-        self.router_address = ""
+        self.router_address = ""  # the first cluster's router
+        self.routers: dict[str, str] = {}  # cluster -> router address
+        self.registries: dict[str, str] = {}  # cluster -> its registry agent's host:port
         self.edge_url = ""
-        self.registry_address = ""
+        self.registry_address = ""  # the first cluster's agent
+        self.autoscaler_address = ""
+        self.controlplane_address = ""
+        self.model_id = ""
         self._stopping = asyncio.Event()
         self._worker_args: list[str] = []
-        self._drains: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         config = self.config
-        config.log_dir.mkdir(parents=True, exist_ok=True)
         # Convert the model once here, so the workers don't all do it at the same time.
-        await asyncio.to_thread(loader.resolve, config.model)
+        source = await asyncio.to_thread(loader.resolve, config.model)
+        self.model_id = source.model_id
         py = [sys.executable, "-m"]
+        clusters = config.cluster_names
+        datacenters = [arg for name in clusters for arg in ("--datacenter", name)]
         registry = await self._spawn(
             "registry",
             [*py, "kvmesh.cli", "registry", "--host", config.host, "--port",
-             str(config.registry_port)],
+             str(config.registry_port), *datacenters],
             "kvmesh registry:",
+            lines=len(clusters),
         )  # fmt: skip
-        self.registry_address = registry.ready_line.rsplit("http://", 1)[1]
-        workers = config.num_prefill + config.num_decode
-        threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
-        common = [
-            "--registry", self.registry_address, "--model", config.model, "--host", config.host,
-            "--torch-threads", str(threads), "--metrics-port", "0", *config.extra_worker_args,
+        for line in registry.ready_lines:  # "kvmesh registry: NAME http://HOST:PORT"
+            _, _, name, url = line.split()
+            self.registries[name] = url.removeprefix("http://")
+        self.registry_address = self.registries[clusters[0]]
+        per_cluster = (
+            config.capacity if config.autoscale else config.num_prefill + config.num_decode
+        )
+        threads = max(1, (os.cpu_count() or 1) // max(per_cluster * len(clusters), 1))
+        self._worker_args = [
+            "--host", config.host, "--torch-threads", str(threads),
+            "--metrics-port", "0", *config.extra_worker_args,
         ]  # fmt: skip
-        self._worker_args = common
-        names = [
-            (tier, f"{tier}-{i}")
-            for tier, count in (("prefill", config.num_prefill), ("decode", config.num_decode))
-            for i in range(count)
-        ]
-        devices = worker_devices(config.device, len(names))
-        starting = [
-            self._spawn(
-                name, [*py, f"services.{tier}", *common, "--device", device], f"{tier} serving"
-            )
-            for (tier, name), device in zip(names, devices, strict=True)
-        ]
-        router_args = ["--port", str(config.router_port), *config.extra_router_args]
-        starting.append(self._spawn("router", self._router_argv(router_args), "router serving"))
+        starting = []
+        if not config.autoscale:
+            names = [
+                (cluster, tier, _worker_name(cluster, tier, i, clusters))
+                for cluster in clusters
+                for tier, count in (("prefill", config.num_prefill), ("decode", config.num_decode))
+                for i in range(count)
+            ]
+            devices = worker_devices(config.device, len(names))
+            starting += [
+                self._spawn(name, self._worker_argv(tier, cluster, device), f"{tier} serving")
+                for (cluster, tier, name), device in zip(names, devices, strict=True)
+            ]
+        for i, cluster in enumerate(clusters):
+            port = str(config.router_port) if i == 0 else "0"
+            args = ["--port", port, *config.extra_router_args]
+            name = "router" if len(clusters) == 1 else f"router-{cluster}"
+            starting.append(self._spawn(name, self._router_argv(args, cluster), "router serving"))
         started = await asyncio.gather(*starting)
-        self.router_address = started[-1].address
+        routers = started[len(started) - len(clusters) :]
+        self.routers = {c: r.address for c, r in zip(clusters, routers, strict=True)}
+        self.router_address = routers[0].address
+        if config.autoscale:
+            await self._start_scaling()
+        if len(clusters) == 1:
+            targets = ["--router", self.router_address]
+        else:
+            targets = [a for c, r in self.routers.items() for a in ("--cluster", f"{c}={r}")]
+            targets += ["--registry", self.registry_address]
         edge = await self._spawn(
             "edge",
             [*py, "services.edge", "--host", config.host, "--port", str(config.edge_port),
-             "--router", self.router_address],
+             *targets, *config.extra_edge_args],
             "edge listening on",
         )  # fmt: skip
         self.edge_url = edge.address
         await self._wait_until_serving()
 
-    async def add_router(self, name: str, args: list[str]) -> str:
+    async def _start_scaling(self) -> None:
+        """The autoscaler (policies: min = the per-cluster counts x clusters) and the control
+        plane, whose local actuator per cluster starts the workers."""
+        config = self.config
+        py = [sys.executable, "-m"]
+        token = ["--admin-token", config.admin_token] if config.admin_token else []
+        autoscaler = await self._spawn(
+            "autoscaler",
+            [*py, "services.autoscaler", "--registry", self.registry_address, "--host",
+             config.host, "--port", "0", "--tick-s", str(config.autoscaler_tick_s),
+             "--model", self.model_id, *token],
+            "autoscaler serving",
+        )  # fmt: skip
+        self.autoscaler_address = autoscaler.address
+        n = len(config.cluster_names)
+        minimums = {"prefill": config.num_prefill * n, "decode": config.num_decode * n}
+        for tier, low in minimums.items():
+            await self.set_policy(
+                tier, min_replicas=low, max_replicas=max(low, config.capacity * n, 1)
+            )
+        await self._decided_under(minimums)  # so the control plane never acts on defaults
+        clusters = [a for c, r in self.registries.items() for a in ("--cluster", f"{c}={r}")]
+        worker_args = [f"--worker-arg={a}" for a in self._worker_args]
+        controlplane = await self._spawn(
+            "controlplane",
+            [*py, "services.controlplane", "--registry", self.registry_address, "--host",
+             config.host, "--port", "0", *clusters, "--model", config.model,
+             "--capacity", str(config.capacity), "--device", config.device,
+             "--log-dir", str(config.log_dir), *worker_args, *token,
+             *config.extra_controlplane_args],
+            "controlplane serving",
+        )  # fmt: skip
+        self.controlplane_address = controlplane.address
+
+    def _admin_metadata(self) -> list[tuple[str, str]]:
+        token = self.config.admin_token
+        return [("authorization", f"Bearer {token}")] if token else []
+
+    async def _decided_under(self, minimums: dict[str, int]) -> None:
+        """Wait until the autoscaler's latest decision of each tier used the policy just set."""
+        tiers = {"prefill": common_pb2.TIER_PREFILL, "decode": common_pb2.TIER_DECODE}
+        deadline = time.monotonic() + self.config.start_timeout_s
+        async with grpc.aio.insecure_channel(self.autoscaler_address) as channel:
+            stub = autoscaler_pb2_grpc.AutoscalerStub(channel)
+            while time.monotonic() < deadline:
+                response = await stub.ListDecisions(
+                    autoscaler_pb2.ListDecisionsRequest(model=self.model_id),
+                    metadata=self._admin_metadata(),
+                )
+                latest: dict[int, autoscaler_pb2.ScalingDecision] = {}
+                for decision in response.decisions:  # newest first
+                    latest.setdefault(decision.tier, decision)
+                if all(
+                    tiers[tier] in latest and latest[tiers[tier]].inputs.get("min_replicas") == low
+                    for tier, low in minimums.items()
+                ):
+                    return
+                await asyncio.sleep(0.2)  # the autoscaler ticks every autoscaler_tick_s
+        raise RuntimeError("the autoscaler made no decision in time")
+
+    async def set_policy(self, tier: str, **fields: float) -> None:
+        """Store a scaling policy for the mesh's model through the autoscaler's RPC."""
+        metadata = self._admin_metadata()
+        proto_tier = common_pb2.TIER_PREFILL if tier == "prefill" else common_pb2.TIER_DECODE
+        async with grpc.aio.insecure_channel(self.autoscaler_address) as channel:
+            stub = autoscaler_pb2_grpc.AutoscalerStub(channel)
+            policy = await stub.GetPolicy(
+                autoscaler_pb2.GetPolicyRequest(model=self.model_id, tier=proto_tier),
+                metadata=metadata,
+            )
+            for name, value in fields.items():
+                setattr(policy, name, value)
+            await stub.SetPolicy(autoscaler_pb2.SetPolicyRequest(policy=policy), metadata=metadata)
+
+    async def add_router(self, name: str, args: list[str], cluster: str | None = None) -> str:
         """Start another router on the same registry (e.g. another policy); its address."""
-        child = await self._spawn(name, self._router_argv(["--port", "0", *args]), "router serving")
+        argv = self._router_argv(["--port", "0", *args], cluster)
+        child = await self._spawn(name, argv, "router serving")
         return child.address
 
-    async def add_worker(self, tier: str, name: str, args: Sequence[str] = ()) -> Child:
+    async def add_worker(
+        self, tier: str, name: str, args: Sequence[str] = (), cluster: str | None = None
+    ) -> Child:
         """Start another worker (a replacement, or one with other flags) after `start()`."""
         device = worker_devices(self.config.device, 1)[0]
-        argv = [sys.executable, "-m", f"services.{tier}", *self._worker_args, "--device", device]
-        return await self._spawn(name, [*argv, *args], f"{tier} serving")
+        argv = [*self._worker_argv(tier, cluster, device), *args]
+        return await self._spawn(name, argv, f"{tier} serving")
 
     async def add_edge(self, name: str, router_address: str) -> str:
         """Start another HTTP edge in front of a router; its URL."""
@@ -163,10 +244,16 @@ class Mesh:
         child = await self._spawn(name, argv, "edge listening on")
         return child.address
 
-    def _router_argv(self, args: list[str]) -> list[str]:
+    def _worker_argv(self, tier: str, cluster: str | None, device: str) -> list[str]:
+        registry = self.registries[cluster] if cluster else self.registry_address
+        return [sys.executable, "-m", f"services.{tier}", "--registry", registry,
+                "--model", self.config.model, *self._worker_args, "--device", device]  # fmt: skip
+
+    def _router_argv(self, args: list[str], cluster: str | None = None) -> list[str]:
         config = self.config
+        registry = self.registries[cluster] if cluster else self.registry_address
         return [
-            sys.executable, "-m", "services.router", "--registry", self.registry_address,
+            sys.executable, "-m", "services.router", "--registry", registry,
             "--model", config.model, "--host", config.host,
             "--disagg-min-tokens", str(config.disagg_min_tokens), "--metrics-port", "0", *args,
         ]  # fmt: skip
@@ -175,7 +262,7 @@ class Mesh:
         return next(c for c in self.children if c.name == name)
 
     def workers(self, tier: str) -> list[Child]:
-        """The live workers of a tier (those added later included)."""
+        """The live workers `up` started, of a tier (those added later included)."""
         return [c for c in self.children if c.name.startswith(tier) and c.alive]
 
     async def wait(self) -> None:
@@ -190,50 +277,26 @@ class Mesh:
 
     async def stop(self) -> None:
         for child in reversed(self.children):
-            if child.process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    child.process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(child.process.wait(), self.config.grace_s + 5)
-            except TimeoutError:
-                log.warning("child did not stop in time; killing it", child=child.name)
-                with contextlib.suppress(ProcessLookupError):
-                    child.process.kill()
-                await child.process.wait()
-            child.log_file.close()
+            await stop_child(child, self.config.grace_s)
 
-    async def _spawn(self, name: str, argv: list[str], ready_prefix: str) -> Child:
-        log_path = self.config.log_dir / f"{name}.log"
-        log_file = log_path.open("ab")
-        process = await asyncio.create_subprocess_exec(
-            *argv, stdout=asyncio.subprocess.PIPE, stderr=log_file, start_new_session=True
-        )
-        child = Child(name, process, log_file)
+    async def _spawn(
+        self, name: str, argv: list[str], ready_prefix: str, *, lines: int = 1
+    ) -> Child:
+        child = await start_child(name, argv, self.config.log_dir)
         self.children.append(child)
-        assert process.stdout is not None
-        deadline = time.monotonic() + self.config.start_timeout_s
-        while True:
-            remaining = deadline - time.monotonic()
-            try:
-                line = await asyncio.wait_for(process.stdout.readline(), max(remaining, 0.01))
-            except TimeoutError:
-                raise RuntimeError(f"{name} did not start in time; see {log_path}") from None
-            if not line:
-                raise RuntimeError(f"{name} exited while starting; see {log_path}")
-            text = line.decode().strip()
-            if text.startswith(ready_prefix):
-                child.ready_line = text
-                self._drains.append(asyncio.create_task(_drain(process.stdout)))
-                return child
+        await wait_ready(child, ready_prefix, self.config.start_timeout_s, lines=lines)
+        return child
 
     async def _wait_until_serving(self) -> None:
         deadline = time.monotonic() + self.config.start_timeout_s
         async with aiohttp.ClientSession() as session:
             while time.monotonic() < deadline:
-                with contextlib.suppress(aiohttp.ClientError):
+                try:
                     async with session.get(f"{self.edge_url}/health") as response:
                         if response.status == 200:
                             return
+                except aiohttp.ClientError:
+                    pass
                 await asyncio.sleep(0.2)  # polling the edge's health endpoint
         raise RuntimeError("the mesh did not become ready in time")
 
@@ -241,6 +304,10 @@ class Mesh:
         code = await child.process.wait()
         if not self._stopping.is_set():
             print(f"kvmesh up: {child.name} exited with code {code}", file=sys.stderr)
+
+
+def _worker_name(cluster: str, tier: str, i: int, clusters: Sequence[str]) -> str:
+    return f"{tier}-{i}" if len(clusters) == 1 else f"{tier}-{cluster}-{i}"
 
 
 def worker_devices(device: str, num_workers: int) -> list[str]:
@@ -254,19 +321,30 @@ def worker_devices(device: str, num_workers: int) -> list[str]:
     return [f"cuda:{i % gpus}" for i in range(num_workers)]
 
 
-async def _drain(stream: asyncio.StreamReader) -> None:
-    while await stream.readline():
-        pass
-
-
 def banner(mesh: Mesh) -> str:
     url = mesh.edge_url
-    model = "SmolLM2-135M-Instruct" if mesh.config.model == "smollm2" else mesh.config.model
+    config = mesh.config
+    model = "SmolLM2-135M-Instruct" if config.model == "smollm2" else config.model
+    workers = f"{config.num_prefill} prefill + {config.num_decode} decode worker(s)"
+    if config.autoscale:
+        workers = f"at least {workers}, autoscaled"
+    lines = [f"kvmesh is up: {workers} in each of {', '.join(config.cluster_names)}"]
+    lines.append(
+        f"  OpenAI-compatible HTTP  {url}/v1   (health {url}/health, metrics {url}/metrics)"
+    )
+    for cluster, router in mesh.routers.items():
+        lines.append(f"  gRPC Generation API     {router}   ({cluster})")
+    for cluster, registry in mesh.registries.items():
+        lines.append(f"  registry (Consul API)   http://{registry}   ({cluster})")
+    if config.autoscale:
+        lines.append(f"  autoscaler (admin)      {mesh.autoscaler_address}")
+        lines.append(f"  control plane (admin)   {mesh.controlplane_address}")
+        ctl = f"kvmesh ctl --autoscaler {mesh.autoscaler_address} "
+        ctl += f"--controlplane {mesh.controlplane_address}"
+        lines.append(f"  try                     {ctl} clusters")
+    endpoints = "\n".join(lines)
     return f"""
-kvmesh is up: {mesh.config.num_prefill} prefill + {mesh.config.num_decode} decode worker(s)
-  OpenAI-compatible HTTP  {url}/v1   (health {url}/health, metrics {url}/metrics)
-  gRPC Generation API     {mesh.router_address}
-  registry (Consul API)   http://{mesh.registry_address}
+{endpoints}
   logs                    {mesh.config.log_dir}/
 
 Try it:

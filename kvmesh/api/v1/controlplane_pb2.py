@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from kvmesh.api.v1 import common_pb2 as kvmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ckvmesh/v1/controlplane.proto\x12\tkvmesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16kvmesh/v1/common.proto\"j\n\x07\x43luster\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x63ordoned\x18\x02 \x01(\x08\x12\x0f\n\x07healthy\x18\x03 \x01(\x08\x12\x19\n\x11\x63\x61pacity_replicas\x18\x04 \x01(\r\x12\x13\n\x0bnum_workers\x18\x05 \x01(\r\"}\n\nDeployment\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1d\n\x04tier\x18\x02 \x01(\x0e\x32\x0f.kvmesh.v1.Tier\x12\x0f\n\x07\x63luster\x18\x03 \x01(\t\x12\x18\n\x10\x64\x65sired_replicas\x18\x04 \x01(\r\x12\x16\n\x0eready_replicas\x18\x05 \x01(\r\"\xb2\x01\n\rWorkerSummary\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63luster\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x1d\n\x04tier\x18\x04 \x01(\x0e\x32\x0f.kvmesh.v1.Tier\x12\x14\n\x0cgrpc_address\x18\x05 \x01(\t\x12\x0f\n\x07healthy\x18\x06 \x01(\x08\x12\x13\n\x0bnum_running\x18\x07 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x08 \x01(\r\"\x15\n\x13ListClustersRequest\"<\n\x14ListClustersResponse\x12$\n\x08\x63lusters\x18\x01 \x03(\x0b\x32\x12.kvmesh.v1.Cluster\"%\n\x12ListWorkersRequest\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\"@\n\x13ListWorkersResponse\x12)\n\x07workers\x18\x01 \x03(\x0b\x32\x18.kvmesh.v1.WorkerSummary\"\x18\n\x16ListDeploymentsRequest\"E\n\x17ListDeploymentsResponse\x12*\n\x0b\x64\x65ployments\x18\x01 \x03(\x0b\x32\x15.kvmesh.v1.Deployment\"_\n\x0cScaleRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1d\n\x04tier\x18\x02 \x01(\x0e\x32\x0f.kvmesh.v1.Tier\x12\x0f\n\x07\x63luster\x18\x03 \x01(\t\x12\x10\n\x08replicas\x18\x04 \x01(\r\"\'\n\x12\x44rainWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"&\n\x13\x44rainWorkerResponse\x12\x0f\n\x07\x64rained\x18\x01 \x01(\x08\"\'\n\x14\x43ordonClusterRequest\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\")\n\x16UncordonClusterRequest\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\"P\n\x05\x45vent\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\"\n\x11ListEventsRequest\x12\r\n\x05limit\x18\x01 \x01(\r\"6\n\x12ListEventsResponse\x12 \n\x06\x65vents\x18\x01 \x03(\x0b\x32\x10.kvmesh.v1.Event2\xe9\x04\n\x0c\x43ontrolPlane\x12O\n\x0cListClusters\x12\x1e.kvmesh.v1.ListClustersRequest\x1a\x1f.kvmesh.v1.ListClustersResponse\x12L\n\x0bListWorkers\x12\x1d.kvmesh.v1.ListWorkersRequest\x1a\x1e.kvmesh.v1.ListWorkersResponse\x12X\n\x0fListDeployments\x12!.kvmesh.v1.ListDeploymentsRequest\x1a\".kvmesh.v1.ListDeploymentsResponse\x12\x37\n\x05Scale\x12\x17.kvmesh.v1.ScaleRequest\x1a\x15.kvmesh.v1.Deployment\x12L\n\x0b\x44rainWorker\x12\x1d.kvmesh.v1.DrainWorkerRequest\x1a\x1e.kvmesh.v1.DrainWorkerResponse\x12\x44\n\rCordonCluster\x12\x1f.kvmesh.v1.CordonClusterRequest\x1a\x12.kvmesh.v1.Cluster\x12H\n\x0fUncordonCluster\x12!.kvmesh.v1.UncordonClusterRequest\x1a\x12.kvmesh.v1.Cluster\x12I\n\nListEvents\x12\x1c.kvmesh.v1.ListEventsRequest\x1a\x1d.kvmesh.v1.ListEventsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ckvmesh/v1/controlplane.proto\x12\tkvmesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16kvmesh/v1/common.proto\"j\n\x07\x43luster\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x63ordoned\x18\x02 \x01(\x08\x12\x0f\n\x07healthy\x18\x03 \x01(\x08\x12\x19\n\x11\x63\x61pacity_replicas\x18\x04 \x01(\r\x12\x13\n\x0bnum_workers\x18\x05 \x01(\r\"\x8d\x01\n\nDeployment\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1d\n\x04tier\x18\x02 \x01(\x0e\x32\x0f.kvmesh.v1.Tier\x12\x0f\n\x07\x63luster\x18\x03 \x01(\t\x12\x18\n\x10\x64\x65sired_replicas\x18\x04 \x01(\r\x12\x16\n\x0eready_replicas\x18\x05 \x01(\r\x12\x0e\n\x06pinned\x18\x06 \x01(\x08\"\xb2\x01\n\rWorkerSummary\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63luster\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x1d\n\x04tier\x18\x04 \x01(\x0e\x32\x0f.kvmesh.v1.Tier\x12\x14\n\x0cgrpc_address\x18\x05 \x01(\t\x12\x0f\n\x07healthy\x18\x06 \x01(\x08\x12\x13\n\x0bnum_running\x18\x07 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x08 \x01(\r\"\x15\n\x13ListClustersRequest\"<\n\x14ListClustersResponse\x12$\n\x08\x63lusters\x18\x01 \x03(\x0b\x32\x12.kvmesh.v1.Cluster\"%\n\x12ListWorkersRequest\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\"@\n\x13ListWorkersResponse\x12)\n\x07workers\x18\x01 \x03(\x0b\x32\x18.kvmesh.v1.WorkerSummary\"\x18\n\x16ListDeploymentsRequest\"E\n\x17ListDeploymentsResponse\x12*\n\x0b\x64\x65ployments\x18\x01 \x03(\x0b\x32\x15.kvmesh.v1.Deployment\"n\n\x0cScaleRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1d\n\x04tier\x18\x02 \x01(\x0e\x32\x0f.kvmesh.v1.Tier\x12\x0f\n\x07\x63luster\x18\x03 \x01(\t\x12\x10\n\x08replicas\x18\x04 \x01(\r\x12\r\n\x05unpin\x18\x05 \x01(\x08\"\'\n\x12\x44rainWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"&\n\x13\x44rainWorkerResponse\x12\x0f\n\x07\x64rained\x18\x01 \x01(\x08\"\'\n\x14\x43ordonClusterRequest\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\")\n\x16UncordonClusterRequest\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\"P\n\x05\x45vent\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\"\n\x11ListEventsRequest\x12\r\n\x05limit\x18\x01 \x01(\r\"6\n\x12ListEventsResponse\x12 \n\x06\x65vents\x18\x01 \x03(\x0b\x32\x10.kvmesh.v1.Event2\xe9\x04\n\x0c\x43ontrolPlane\x12O\n\x0cListClusters\x12\x1e.kvmesh.v1.ListClustersRequest\x1a\x1f.kvmesh.v1.ListClustersResponse\x12L\n\x0bListWorkers\x12\x1d.kvmesh.v1.ListWorkersRequest\x1a\x1e.kvmesh.v1.ListWorkersResponse\x12X\n\x0fListDeployments\x12!.kvmesh.v1.ListDeploymentsRequest\x1a\".kvmesh.v1.ListDeploymentsResponse\x12\x37\n\x05Scale\x12\x17.kvmesh.v1.ScaleRequest\x1a\x15.kvmesh.v1.Deployment\x12L\n\x0b\x44rainWorker\x12\x1d.kvmesh.v1.DrainWorkerRequest\x1a\x1e.kvmesh.v1.DrainWorkerResponse\x12\x44\n\rCordonCluster\x12\x1f.kvmesh.v1.CordonClusterRequest\x1a\x12.kvmesh.v1.Cluster\x12H\n\x0fUncordonCluster\x12!.kvmesh.v1.UncordonClusterRequest\x1a\x12.kvmesh.v1.Cluster\x12I\n\nListEvents\x12\x1c.kvmesh.v1.ListEventsRequest\x1a\x1d.kvmesh.v1.ListEventsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,38 +36,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CLUSTER']._serialized_start=100
   _globals['_CLUSTER']._serialized_end=206
-  _globals['_DEPLOYMENT']._serialized_start=208
-  _globals['_DEPLOYMENT']._serialized_end=333
-  _globals['_WORKERSUMMARY']._serialized_start=336
-  _globals['_WORKERSUMMARY']._serialized_end=514
-  _globals['_LISTCLUSTERSREQUEST']._serialized_start=516
-  _globals['_LISTCLUSTERSREQUEST']._serialized_end=537
-  _globals['_LISTCLUSTERSRESPONSE']._serialized_start=539
-  _globals['_LISTCLUSTERSRESPONSE']._serialized_end=599
-  _globals['_LISTWORKERSREQUEST']._serialized_start=601
-  _globals['_LISTWORKERSREQUEST']._serialized_end=638
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=640
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=704
-  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_start=706
-  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_end=730
-  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_start=732
-  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_end=801
-  _globals['_SCALEREQUEST']._serialized_start=803
-  _globals['_SCALEREQUEST']._serialized_end=898
-  _globals['_DRAINWORKERREQUEST']._serialized_start=900
-  _globals['_DRAINWORKERREQUEST']._serialized_end=939
-  _globals['_DRAINWORKERRESPONSE']._serialized_start=941
-  _globals['_DRAINWORKERRESPONSE']._serialized_end=979
-  _globals['_CORDONCLUSTERREQUEST']._serialized_start=981
-  _globals['_CORDONCLUSTERREQUEST']._serialized_end=1020
-  _globals['_UNCORDONCLUSTERREQUEST']._serialized_start=1022
-  _globals['_UNCORDONCLUSTERREQUEST']._serialized_end=1063
-  _globals['_EVENT']._serialized_start=1065
-  _globals['_EVENT']._serialized_end=1145
-  _globals['_LISTEVENTSREQUEST']._serialized_start=1147
-  _globals['_LISTEVENTSREQUEST']._serialized_end=1181
-  _globals['_LISTEVENTSRESPONSE']._serialized_start=1183
-  _globals['_LISTEVENTSRESPONSE']._serialized_end=1237
-  _globals['_CONTROLPLANE']._serialized_start=1240
-  _globals['_CONTROLPLANE']._serialized_end=1857
+  _globals['_DEPLOYMENT']._serialized_start=209
+  _globals['_DEPLOYMENT']._serialized_end=350
+  _globals['_WORKERSUMMARY']._serialized_start=353
+  _globals['_WORKERSUMMARY']._serialized_end=531
+  _globals['_LISTCLUSTERSREQUEST']._serialized_start=533
+  _globals['_LISTCLUSTERSREQUEST']._serialized_end=554
+  _globals['_LISTCLUSTERSRESPONSE']._serialized_start=556
+  _globals['_LISTCLUSTERSRESPONSE']._serialized_end=616
+  _globals['_LISTWORKERSREQUEST']._serialized_start=618
+  _globals['_LISTWORKERSREQUEST']._serialized_end=655
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=657
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=721
+  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_start=723
+  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_end=747
+  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_start=749
+  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_end=818
+  _globals['_SCALEREQUEST']._serialized_start=820
+  _globals['_SCALEREQUEST']._serialized_end=930
+  _globals['_DRAINWORKERREQUEST']._serialized_start=932
+  _globals['_DRAINWORKERREQUEST']._serialized_end=971
+  _globals['_DRAINWORKERRESPONSE']._serialized_start=973
+  _globals['_DRAINWORKERRESPONSE']._serialized_end=1011
+  _globals['_CORDONCLUSTERREQUEST']._serialized_start=1013
+  _globals['_CORDONCLUSTERREQUEST']._serialized_end=1052
+  _globals['_UNCORDONCLUSTERREQUEST']._serialized_start=1054
+  _globals['_UNCORDONCLUSTERREQUEST']._serialized_end=1095
+  _globals['_EVENT']._serialized_start=1097
+  _globals['_EVENT']._serialized_end=1177
+  _globals['_LISTEVENTSREQUEST']._serialized_start=1179
+  _globals['_LISTEVENTSREQUEST']._serialized_end=1213
+  _globals['_LISTEVENTSRESPONSE']._serialized_start=1215
+  _globals['_LISTEVENTSRESPONSE']._serialized_end=1269
+  _globals['_CONTROLPLANE']._serialized_start=1272
+  _globals['_CONTROLPLANE']._serialized_end=1889
 # @@protoc_insertion_point(module_scope)

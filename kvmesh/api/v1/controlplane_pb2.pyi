@@ -62,11 +62,14 @@ class Deployment(_message.Message):
     CLUSTER_FIELD_NUMBER: _builtins.int
     DESIRED_REPLICAS_FIELD_NUMBER: _builtins.int
     READY_REPLICAS_FIELD_NUMBER: _builtins.int
+    PINNED_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     tier: _common_pb2.Tier.ValueType
     cluster: _builtins.str
     desired_replicas: _builtins.int
     ready_replicas: _builtins.int
+    pinned: _builtins.bool
+    """an operator's count (Scale), not the autoscaler's"""
     def __init__(
         self,
         *,
@@ -75,10 +78,11 @@ class Deployment(_message.Message):
         cluster: _builtins.str = ...,
         desired_replicas: _builtins.int = ...,
         ready_replicas: _builtins.int = ...,
+        pinned: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster", b"cluster", "desired_replicas", b"desired_replicas", "model", b"model", "ready_replicas", b"ready_replicas", "tier", b"tier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster", b"cluster", "desired_replicas", b"desired_replicas", "model", b"model", "pinned", b"pinned", "ready_replicas", b"ready_replicas", "tier", b"tier"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -236,16 +240,23 @@ Global___ListDeploymentsResponse: _TypeAlias = ListDeploymentsResponse  # noqa: 
 
 @_typing.final
 class ScaleRequest(_message.Message):
+    """Pins `replicas` of (model, tier) in one cluster; the autoscaler sizes the clusters that are
+    not pinned. `cluster` may be empty when the control plane manages exactly one cluster.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
     TIER_FIELD_NUMBER: _builtins.int
     CLUSTER_FIELD_NUMBER: _builtins.int
     REPLICAS_FIELD_NUMBER: _builtins.int
+    UNPIN_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     tier: _common_pb2.Tier.ValueType
     cluster: _builtins.str
     replicas: _builtins.int
+    unpin: _builtins.bool
+    """remove the pin instead: the cluster goes back to the autoscaler"""
     def __init__(
         self,
         *,
@@ -253,10 +264,11 @@ class ScaleRequest(_message.Message):
         tier: _common_pb2.Tier.ValueType = ...,
         cluster: _builtins.str = ...,
         replicas: _builtins.int = ...,
+        unpin: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster", b"cluster", "model", b"model", "replicas", b"replicas", "tier", b"tier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster", b"cluster", "model", b"model", "replicas", b"replicas", "tier", b"tier", "unpin", b"unpin"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -287,6 +299,7 @@ class DrainWorkerResponse(_message.Message):
 
     DRAINED_FIELD_NUMBER: _builtins.int
     drained: _builtins.bool
+    """false: requests were still in flight when the drain timed out"""
     def __init__(
         self,
         *,

@@ -1,0 +1,1 @@
+"""The control plane: clusters, deployments, placement, actuators, drain, cordon, admin RPCs."""
