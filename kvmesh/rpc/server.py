@@ -114,6 +114,11 @@ class RpcServer:
             self._stopping = asyncio.ensure_future(self._stop(grace_s))
         await asyncio.shield(self._stopping)
 
+    @property
+    def stopping(self) -> bool:
+        """A stop has begun (a signal, or `stop()`)."""
+        return self._stopping is not None
+
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()
 

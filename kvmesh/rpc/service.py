@@ -80,6 +80,9 @@ async def run_service(
     try:
         if warm_up is not None:
             await warm_up()
+        if server.stopping:  # a signal came during warm-up: never register, never serve
+            await server.wait_for_termination()
+            return
         await server.set_serving(True)
         if spec.registry is not None:
             discovery = Discovery(spec.registry)

@@ -77,6 +77,7 @@ class LocalActuator:
         self._start_timeout_s = start_timeout_s
         self._grace_s = grace_s
         self._processes: dict[str, _Process] = {}
+        self._stopping: dict[str, _Process] = {}  # removed, not yet known to have exited
         self._numbers = itertools.count()
 
     @property
@@ -130,11 +131,20 @@ class LocalActuator:
         unknown = [n for n in names if n not in self._processes]
         if unknown:
             raise ActuatorError(f"cluster {self._cluster} has no worker named {', '.join(unknown)}")
-        await asyncio.gather(*(self._stop(self._processes.pop(n)) for n in names))
+        stopping = [self._processes.pop(n) for n in names]
+        self._stopping.update((p.child.name, p) for p in stopping)
+        try:
+            await asyncio.gather(*(self._stop(p) for p in stopping))
+        finally:
+            for p in stopping:
+                if not p.child.alive:
+                    self._stopping.pop(p.child.name, None)
 
     async def close(self) -> None:
-        processes = list(self._processes.values())
+        """Stop every process, those a cancelled `remove` left stopping included."""
+        processes = [*self._processes.values(), *self._stopping.values()]
         self._processes.clear()
+        self._stopping.clear()
         await asyncio.gather(*(self._stop(p) for p in processes))
 
     async def _wait_ready(self, process: _Process) -> None:

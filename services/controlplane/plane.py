@@ -135,7 +135,11 @@ class ControlPlane:
                 log.warning("control plane pass skipped: registry unavailable", error=str(e))
             await asyncio.sleep(self._interval_s)
 
-    async def close(self) -> None:
+    async def close(self, grace_s: float = 10.0) -> None:
+        """Let drains in progress finish (for `grace_s` at most), then stop the actuators,
+        which stop whatever they still run."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=grace_s)
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
