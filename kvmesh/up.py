@@ -252,8 +252,10 @@ class Mesh:
     def _router_argv(self, args: list[str], cluster: str | None = None) -> list[str]:
         config = self.config
         registry = self.registries[cluster] if cluster else self.registry_address
+        primary = self.config.cluster_names[0]  # shared KV keys (wake) live in the first one
         return [
             sys.executable, "-m", "services.router", "--registry", registry,
+            "--kv-datacenter", primary,
             "--model", config.model, "--host", config.host,
             "--disagg-min-tokens", str(config.disagg_min_tokens), "--metrics-port", "0", *args,
         ]  # fmt: skip

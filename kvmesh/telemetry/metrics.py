@@ -155,6 +155,22 @@ ROUTER_REQUESTS = Counter(
     "kvmesh_router_requests_total", "Generate requests by outcome.", ["path", "outcome"]
 )
 
+# -- router: admission (shedding, wake on request) ------------------------------------------------
+ROUTER_REQUESTS_IN_FLIGHT = Gauge(
+    "kvmesh_router_requests_in_flight",
+    "Generate requests this router has admitted and not yet finished.",
+)
+ROUTER_REQUESTS_WAITING = Gauge(
+    "kvmesh_router_requests_waiting",
+    "Generate requests waiting for a decode worker to appear (the wake key is written meanwhile).",
+)
+ROUTER_SHED = Counter(
+    "kvmesh_router_shed_total",
+    "Generate requests refused at once because their caller can go elsewhere (x-kvmesh-spill), "
+    "by reason: no_decode_workers or saturated.",
+    ["reason"],
+)
+
 
 class EngineCollector:
     """Exposes an engine's counters and load (anything with `.stats()` and `.load()`)."""
@@ -203,4 +219,11 @@ EDGE_CANCELLED_GENERATIONS = Counter(
     "kvmesh_edge_cancelled_generations_total",
     "Generations given up because the client left or the edge stopped (gRPC call cancelled).",
     ["route"],
+)
+EDGE_CLUSTER_REQUESTS = Counter(
+    "kvmesh_edge_cluster_requests_total",
+    "Generation attempts on a cluster's router, by outcome: served, spilled (refused as "
+    "saturated; tried the next cluster), failed_over (unavailable before or during the stream; "
+    "tried or resumed on the next cluster), error (answered to the client), cancelled.",
+    ["cluster", "outcome"],
 )

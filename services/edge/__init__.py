@@ -7,9 +7,12 @@ Run it with `python -m services.edge` (see README.md); start it inside a test's 
 from services.edge.app import create_app
 from services.edge.args import EdgeConfig, parse_args
 from services.edge.client import GenerationClient
+from services.edge.clusters import Cluster, ClusterSet
 from services.edge.server import RunningEdge, serve, serve_in_background
 
 __all__ = [
+    "Cluster",
+    "ClusterSet",
     "EdgeConfig",
     "GenerationClient",
     "RunningEdge",

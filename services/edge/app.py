@@ -1,10 +1,11 @@
-"""The edge's HTTP application: `create_app(config, generation_client)`.
+"""The edge's HTTP application: `create_app(config, clusters)`.
 
     POST /v1/chat/completions   chat, streamed (SSE) or not        -> Generation.Generate
     POST /v1/completions        text or token ids, streamed or not -> Generation.Generate
-    GET  /v1/models             the router's models                -> Generation.ListModels
+    GET  /v1/models             the first answering router's models -> Generation.ListModels
     GET  /v1/models/{model}     one of them, or 404
-    GET  /health                200 only when a request can be served, else 503 and why
+    GET  /health                200 only when some cluster that takes requests can serve one,
+                                else 503 and why
     GET  /metrics               Prometheus text of this process's registry
 
 Every error, including unknown routes and methods, is answered in OpenAI's error shape.
@@ -27,7 +28,7 @@ from starlette.routing import Route
 
 from kvmesh.api.v1 import generation_pb2
 from services.edge.args import EdgeConfig
-from services.edge.client import GenerationClient
+from services.edge.clusters import ClusterSet
 from services.edge.errors import ApiError, ClientDisconnectedError
 from services.edge.generation import GenerationEndpoints, internal_error, log_api_error
 from services.edge.middleware import CLIENT_CLOSED_STATUS, RequestContextMiddleware
@@ -37,9 +38,9 @@ log = structlog.get_logger(__name__)
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 
-def create_app(config: EdgeConfig, generation_client: GenerationClient) -> Starlette:
-    generation = GenerationEndpoints(config, generation_client)
-    info = _InfoEndpoints(generation_client)
+def create_app(config: EdgeConfig, clusters: ClusterSet) -> Starlette:
+    generation = GenerationEndpoints(config, clusters)
+    info = _InfoEndpoints(clusters)
     routes = [
         Route("/v1/chat/completions", _answering(generation.chat_completions), methods=["POST"]),
         Route("/v1/completions", _answering(generation.completions), methods=["POST"]),
@@ -91,17 +92,17 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
 
 
 class _InfoEndpoints:
-    def __init__(self, client: GenerationClient) -> None:
-        self._client = client
+    def __init__(self, clusters: ClusterSet) -> None:
+        self._clusters = clusters
         self._created = int(time.time())  # OpenAI's model cards have one; the router has none
 
     async def list_models(self, request: Request) -> Response:
-        models = await self._client.list_models(request_id=request.state.request_id)
+        models = await self._clusters.list_models(request_id=request.state.request_id)
         return JSONResponse({"object": "list", "data": [self._card(m) for m in models]})
 
     async def get_model(self, request: Request) -> Response:
         wanted = request.path_params["model"]
-        for model in await self._client.list_models(request_id=request.state.request_id):
+        for model in await self._clusters.list_models(request_id=request.state.request_id):
             if model.id == wanted:
                 return JSONResponse(self._card(model))
         raise ApiError(
@@ -122,25 +123,10 @@ class _InfoEndpoints:
         }
 
     async def health(self, request: Request) -> Response:
-        reason = await self._unready_reason(request.state.request_id)
+        reason = await self._clusters.unready_reason(request_id=request.state.request_id)
         if reason is None:
             return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
-
-    async def _unready_reason(self, request_id: str) -> str | None:
-        """None when a generation can be served: the router is SERVING and has a decode worker."""
-        serving, reason = await self._client.is_serving()
-        if not serving:
-            return reason
-        try:
-            models = await self._client.list_models(request_id=request_id)
-        except ApiError as e:
-            return f"listing the router's models failed: {e.message}"
-        if not models:
-            return "the router serves no model"
-        if not any(m.num_decode_workers > 0 for m in models):
-            return "no model has a decode worker"
-        return None
 
     async def metrics(self, request: Request) -> Response:
         return Response(generate_latest(REGISTRY), headers={"content-type": CONTENT_TYPE_LATEST})

@@ -1,21 +1,35 @@
-"""Command line -> `EdgeConfig`, the only settings the edge reads."""
+"""Command line -> `EdgeConfig`, the only settings the edge reads.
+
+The edge fronts one or more clusters, each a router's gRPC address under a name: `--router ADDR`
+is one cluster named "default"; `--cluster NAME=HOST:PORT`, repeated, names several (the name is
+the cluster's Consul datacenter, which cordon keys use). Requests go to `--home` first.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 ROUTER_ENV = "KVMESH_ROUTER"
+REGISTRY_ENV = "CONSUL_HTTP_ADDR"
 DEFAULT_ROUTER = "127.0.0.1:50051"
+DEFAULT_CLUSTER = "default"  # the one cluster of `--router`
+
+_CLUSTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_ADDRESS = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):(\d{1,5})")
 
 
 @dataclass(frozen=True, slots=True)
 class EdgeConfig:
     host: str = "127.0.0.1"
     port: int = 8000  # 0: any free port (the "edge listening on" line says which)
-    router: str = DEFAULT_ROUTER  # the router's gRPC address, host:port
+    # (name, router gRPC address host:port) per cluster, in the order they are tried after home
+    clusters: tuple[tuple[str, str], ...] = ((DEFAULT_CLUSTER, DEFAULT_ROUTER),)
+    home: str = ""  # the cluster tried first; "": the first of `clusters`
+    registry: str | None = None  # Consul / embedded registry to watch for cordons; None: none
     request_timeout_s: float = 600.0  # gRPC deadline of one generation, streaming included
     probe_timeout_s: float = 2.0  # deadline of /health and /v1/models calls to the router
     max_body_bytes: int = 4 * 1024 * 1024  # larger request bodies get 413
@@ -25,6 +39,22 @@ class EdgeConfig:
     log_json: bool | None = None  # None: JSON unless stderr is a terminal
 
     def __post_init__(self) -> None:
+        if not self.clusters:
+            raise ValueError("at least one cluster is required")
+        names = [name for name, _ in self.clusters]
+        for name, address in self.clusters:
+            check_cluster_name(name)
+            if not address:
+                raise ValueError(f"cluster {name!r} has no router address")
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"cluster names must be unique; repeated: {', '.join(duplicates)}")
+        if not self.home:
+            object.__setattr__(self, "home", names[0])  # frozen: set once, here
+        elif self.home not in names:
+            raise ValueError(
+                f"home cluster {self.home!r} is not one of the clusters ({', '.join(names)})"
+            )
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.request_timeout_s <= 0 or self.probe_timeout_s <= 0:
@@ -36,6 +66,39 @@ class EdgeConfig:
         if self.shutdown_grace_s < 0:
             raise ValueError("shutdown_grace_s must not be negative")
 
+    @property
+    def router(self) -> str:
+        """The home cluster's router address."""
+        return dict(self.clusters)[self.home]
+
+
+def check_cluster_name(name: str) -> None:
+    if not _CLUSTER_NAME.fullmatch(name):
+        raise ValueError(
+            f"cluster name {name!r} must be 1 to 64 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit"
+        )
+
+
+def check_cluster(name: str, address: str) -> None:
+    """Raise ValueError, saying what is wrong, for a bad cluster name or HOST:PORT address."""
+    check_cluster_name(name)
+    match = _ADDRESS.fullmatch(address)
+    if match is None or not 0 < int(match[2]) <= 65535:
+        raise ValueError(f"cluster {name!r}: router address {address!r} is not HOST:PORT")
+
+
+def _cluster_arg(value: str) -> tuple[str, str]:
+    """`NAME=HOST:PORT` -> (name, address), for argparse."""
+    name, sep, address = value.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{value!r} is not NAME=HOST:PORT")
+    try:
+        check_cluster(name, address)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+    return name, address
+
 
 def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     defaults = EdgeConfig()
@@ -46,10 +109,33 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     parser.add_argument("--host", default=defaults.host, help="address to listen on")
     parser.add_argument("--port", type=int, default=defaults.port, help="0: any free port")
-    parser.add_argument(
+    targets = parser.add_mutually_exclusive_group()
+    targets.add_argument(
         "--router",
         default=env.get(ROUTER_ENV) or DEFAULT_ROUTER,
-        help=f"the router's gRPC address (env {ROUTER_ENV})",
+        help=f"the router's gRPC address: one cluster, named {DEFAULT_CLUSTER!r} "
+        f"(env {ROUTER_ENV})",
+    )
+    targets.add_argument(
+        "--cluster",
+        dest="clusters",
+        action="append",
+        type=_cluster_arg,
+        default=None,
+        metavar="NAME=HOST:PORT",
+        help="a cluster (its Consul datacenter's name) and its router's gRPC address; repeat "
+        "for several: requests go to --home first, then to the others in this order",
+    )
+    parser.add_argument(
+        "--home",
+        default=None,
+        help="the cluster tried first (default: the first --cluster)",
+    )
+    parser.add_argument(
+        "--registry",
+        default=env.get(REGISTRY_ENV) or None,
+        help="Consul / embedded registry HOST:PORT to watch for cordoned clusters, which get "
+        f"no new requests (env {REGISTRY_ENV}; default: none)",
     )
     parser.add_argument(
         "--request-timeout",
@@ -96,11 +182,14 @@ def parse_args(
 ) -> EdgeConfig:
     parser = build_parser(os.environ if env is None else env)
     args = parser.parse_args(argv)
+    clusters = tuple(args.clusters or [(DEFAULT_CLUSTER, args.router)])
     try:
         return EdgeConfig(
             host=args.host,
             port=args.port,
-            router=args.router,
+            clusters=clusters,
+            home=args.home or "",
+            registry=args.registry,
             request_timeout_s=args.request_timeout,
             probe_timeout_s=args.probe_timeout,
             max_body_bytes=args.max_body_bytes,

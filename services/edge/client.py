@@ -2,7 +2,8 @@
 
 Calls do not wait for a router that is down (`wait_for_ready=False`): an HTTP client is better
 served by a quick 503 it can retry (the OpenAI clients do) than by a request parked until its
-deadline. Streams are never retried here; the router owns retries.
+deadline. Streams are never retried on the same router (the router owns retries); moving a
+request to another cluster's router is `clusters.py`'s job.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvmesh.api.v1 import generation_pb2, generation_pb2_grpc
 from kvmesh.rpc import REQUEST_ID_KEY
+from kvmesh.rpc.spill import SPILL_KEY, SPILL_YES
 from services.edge import errors
 
 GENERATION_SERVICE = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
@@ -54,11 +56,23 @@ class GenerationClient:
         self._request_timeout_s = request_timeout_s
         self._probe_timeout_s = probe_timeout_s
 
-    def generate(self, request: generation_pb2.GenerateRequest) -> GenerationStream:
+    def generate(
+        self,
+        request: generation_pb2.GenerateRequest,
+        *,
+        spill: bool = False,
+        timeout_s: float | None = None,
+    ) -> GenerationStream:
+        """Start `Generate`. `spill`: the router may refuse at once rather than wait or queue
+        (the caller has another cluster to try). `timeout_s`: the deadline, if not the whole
+        `request_timeout_s` (what is left of it after an earlier attempt)."""
+        metadata: tuple[tuple[str, str], ...] = ((REQUEST_ID_KEY, request.request_id),)
+        if spill:
+            metadata += ((SPILL_KEY, SPILL_YES),)
         call = self._generation.Generate(
             request,
-            timeout=self._request_timeout_s,
-            metadata=((REQUEST_ID_KEY, request.request_id),),
+            timeout=self._request_timeout_s if timeout_s is None else timeout_s,
+            metadata=metadata,
             wait_for_ready=False,
         )
         return GenerationStream(call, request.request_id)

@@ -6,7 +6,8 @@
     └── ApiError                     an answer for the HTTP client: status + OpenAI error body
         ├── InvalidRequestError      400  the edge's own shape and type checks
         ├── RequestTooLargeError     413  the body is over `max_body_bytes`
-        └── RouterError              the router's answer, mapped by `from_status`
+        └── RouterError              the router's answer, mapped by `from_status` (which keeps
+                                     the gRPC status: clusters.py decides on it where to go next)
 
 Every `ApiError` renders as OpenAI's error body, so the official clients raise their usual
 exceptions: `{"error": {"message": ..., "type": ..., "param": ..., "code": ...}}`.
@@ -90,6 +91,8 @@ class RequestTooLargeError(ApiError):
 class RouterError(ApiError):
     """The router failed the call (or broke the stream's contract); see `from_status`."""
 
+    grpc_status: grpc.StatusCode | None = None  # the router's status; None: a broken contract
+
 
 @dataclass(frozen=True, slots=True)
 class HttpMapping:
@@ -135,6 +138,7 @@ def from_status(code: grpc.StatusCode, message: str, *, request_id: str) -> Rout
         answer, status=mapping.status, type=mapping.type, param=mapping.param, code=mapping.code
     )
     error.upstream = f"{code.name}: {message}"
+    error.grpc_status = code
     return error
 
 
@@ -151,6 +155,17 @@ def incomplete_stream(request_id: str) -> RouterError:
         status=502,
         type="server_error",
         code="bad_gateway",
+    )
+
+
+def all_cordoned(request_id: str) -> ApiError:
+    """Every cluster the edge fronts is cordoned: none takes new requests."""
+    return ApiError(
+        f"every cluster is cordoned and takes no new requests; retry later "
+        f"(request id {request_id})",
+        status=503,
+        type="server_error",
+        code="service_unavailable",
     )
 
 

@@ -5,7 +5,8 @@ ordinary HTTP error response; an error after it is a last SSE event `{"error": {
 `data: [DONE]`. A client that leaves cancels the router's call, at any point: while the edge waits
 for the first message or a whole non-streamed answer (`unless_disconnected` watches the
 connection), and while it streams (starlette cancels the response, `EventStreamResponse` closes
-the event generator, and closing cancels the gRPC call).
+the event generator, and closing cancels the gRPC call). Which cluster's router answers, and the
+move to another one when a router refuses or fails, is `clusters.py`'s: it reads as one stream.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from kvmesh.api.v1 import generation_pb2
 from kvmesh.telemetry import metrics
 from services.edge import convert, errors
 from services.edge.args import EdgeConfig
-from services.edge.client import GenerationClient, GenerationStream
+from services.edge.clusters import ClusterSet, ClusterStream
 from services.edge.errors import (
     ApiError,
     ClientDisconnectedError,
@@ -40,9 +41,9 @@ T = TypeVar("T")
 
 
 class GenerationEndpoints:
-    def __init__(self, config: EdgeConfig, client: GenerationClient) -> None:
+    def __init__(self, config: EdgeConfig, clusters: ClusterSet) -> None:
         self._config = config
-        self._client = client
+        self._clusters = clusters
 
     async def chat_completions(self, request: Request) -> Response:
         raw = await read_json(request, self._config.max_body_bytes)
@@ -82,7 +83,7 @@ class GenerationEndpoints:
         *,
         stream: bool,
     ) -> Response:
-        generation = self._client.generate(call)
+        generation = self._clusters.generate(call)
         first_token = _FirstToken(renderer.model, request.state.received_at)
         route = request.scope["path"]
         try:
@@ -116,7 +117,7 @@ class _FirstToken:
 
 
 async def _collect(
-    generation: GenerationStream, renderer: convert.Renderer, first_token: _FirstToken
+    generation: ClusterStream, renderer: convert.Renderer, first_token: _FirstToken
 ) -> None:
     while (message := await generation.next()) is not None:
         first_token.seen()
@@ -126,7 +127,7 @@ async def _collect(
 
 async def _events(
     first: generation_pb2.GenerateResponse,
-    generation: GenerationStream,
+    generation: ClusterStream,
     renderer: convert.Renderer,
     route: str,
 ) -> AsyncGenerator[bytes, None]:

@@ -1,13 +1,14 @@
 """Running the edge: uvicorn serving `create_app`, as the process or inside someone's event loop.
 
-`serve(config)` is the process. It opens the router channel, serves, prints
+`serve(config)` is the process. It opens a channel to each cluster's router, serves, prints
 `edge listening on http://HOST:PORT` once the socket accepts connections (`kvmesh up` and tests
 wait for that line), and on SIGTERM / SIGINT stops: the socket closes, in-flight responses get
-`shutdown_grace_s` to end, then are cancelled (which cancels their gRPC calls), then the channel
-closes and the process exits 0.
+`shutdown_grace_s` to end, then are cancelled (which cancels their gRPC calls), then the
+channels close and the process exits 0.
 
-`serve_in_background(config, channel)` starts the same server in the running event loop and
-returns once it listens, for tests (a fake router's channel, or the real router's):
+`serve_in_background(config, channels)` starts the same server in the running event loop and
+returns once it listens, for tests (a fake router's channel, or the real router's; a mapping of
+cluster name to channel for several clusters):
 
     async with await serve_in_background(EdgeConfig(port=0), channel) as edge:
         AsyncOpenAI(base_url=f"{edge.url}/v1", api_key="unused")
@@ -20,7 +21,7 @@ import contextlib
 import math
 import signal
 import socket
-from collections.abc import Generator
+from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -32,6 +33,7 @@ from kvmesh.rpc import open_channel
 from services.edge.app import create_app
 from services.edge.args import EdgeConfig
 from services.edge.client import GenerationClient
+from services.edge.clusters import Cluster, ClusterSet
 from services.edge.errors import StartupError
 
 log = structlog.get_logger(__name__)
@@ -84,6 +86,7 @@ class RunningEdge:
 
     host: str
     port: int
+    clusters: ClusterSet
     _server: _Server
     _task: asyncio.Task[None]
 
@@ -114,17 +117,32 @@ class RunningEdge:
 
 
 async def serve_in_background(
-    config: EdgeConfig, channel: grpc.aio.Channel, *, handle_signals: bool = False
+    config: EdgeConfig,
+    channels: grpc.aio.Channel | Mapping[str, grpc.aio.Channel],
+    *,
+    handle_signals: bool = False,
 ) -> RunningEdge:
-    """Start the edge on `channel` (the caller closes it, after `stop`); return once it listens."""
-    client = GenerationClient(
-        channel,
+    """Start the edge on the routers' channels (the caller closes them, after `stop`): one
+    channel for a config of one cluster, else cluster name -> channel. Return once it listens."""
+    clusters = ClusterSet(
+        [
+            Cluster(
+                name,
+                GenerationClient(
+                    channel,
+                    request_timeout_s=config.request_timeout_s,
+                    probe_timeout_s=config.probe_timeout_s,
+                ),
+            )
+            for name, channel in _by_cluster(config, channels).items()
+        ],
+        home=config.home,
         request_timeout_s=config.request_timeout_s,
-        probe_timeout_s=config.probe_timeout_s,
+        registry=config.registry,
     )
     server = _Server(
         uvicorn.Config(
-            create_app(config, client),
+            create_app(config, clusters),
             host=config.host,
             port=config.port,
             lifespan="off",
@@ -135,7 +153,8 @@ async def serve_in_background(
         ),
         handle_signals=handle_signals,
     )
-    task = asyncio.create_task(_serve_until_stopped(server), name="kvmesh-edge")
+    await clusters.start()
+    task = asyncio.create_task(_serve_until_stopped(server, clusters), name="kvmesh-edge")
     listening = asyncio.create_task(server.listening.wait())
     try:
         await asyncio.wait((task, listening), return_when=asyncio.FIRST_COMPLETED)
@@ -148,24 +167,46 @@ async def serve_in_background(
         await task  # raises StartupError
         raise StartupError("the edge's HTTP server stopped before it listened")
     host, port = server.servers[0].sockets[0].getsockname()[:2]
-    return RunningEdge(str(host), int(port), server, task)
+    return RunningEdge(str(host), int(port), clusters, server, task)
 
 
-async def _serve_until_stopped(server: _Server) -> None:
+def _by_cluster(
+    config: EdgeConfig, channels: grpc.aio.Channel | Mapping[str, grpc.aio.Channel]
+) -> dict[str, grpc.aio.Channel]:
+    names = [name for name, _ in config.clusters]
+    if not isinstance(channels, Mapping):
+        if len(names) != 1:
+            raise ValueError(f"one channel for {len(names)} clusters: give one per cluster")
+        return {names[0]: channels}
+    if sorted(channels) != sorted(names):
+        raise ValueError(f"channels for {sorted(channels)}, but the clusters are {names}")
+    return {name: channels[name] for name in names}
+
+
+async def _serve_until_stopped(server: _Server, clusters: ClusterSet) -> None:
     try:
         await server.serve()
     except SystemExit as e:  # uvicorn exits the process when it cannot start; raise instead
         raise StartupError(f"the edge's HTTP server did not start (status {e.code})") from e
+    finally:
+        await clusters.stop()
 
 
 async def serve(config: EdgeConfig) -> None:
     """The edge process: serve until SIGTERM / SIGINT, then stop cleanly."""
-    channel = open_channel(config.router)
+    channels = {name: open_channel(address) for name, address in config.clusters}
     try:
-        edge = await serve_in_background(config, channel, handle_signals=True)
+        edge = await serve_in_background(config, channels, handle_signals=True)
         print(f"edge listening on {edge.url}", flush=True)
-        log.info("edge serving", url=edge.url, router=config.router)
+        log.info(
+            "edge serving",
+            url=edge.url,
+            clusters=dict(config.clusters),
+            home=config.home,
+            registry=config.registry,
+        )
         await edge.wait()
     finally:
-        await channel.close(grace=None)
+        for channel in channels.values():
+            await channel.close(grace=None)
     log.info("edge stopped")

@@ -28,6 +28,9 @@ class RouterConfig:
     pending_ttl_s: float = 10.0  # and for an exact one, until its KV events say so
     kv_stall_s: float = 5.0  # a KV event stream silent this long is considered stalled
     only_workers: tuple[str, ...] = ()  # route only to these worker ids (empty: all)
+    saturation_in_flight: int = 0  # spill callers are refused at this many per decode worker
+    wake_timeout_s: float = 120.0  # how long a request waits for a decode worker to appear
+    kv_datacenter: str | None = None  # where shared KV keys (wake) go; None: the agent's own
 
 
 def parse(argv: list[str] | None = None) -> tuple[RouterConfig, str]:
@@ -53,6 +56,27 @@ def parse(argv: list[str] | None = None) -> tuple[RouterConfig, str]:
         "--only-workers",
         default="",
         help="comma-separated worker ids: route only to these (default: every worker)",
+    )
+    admission = parser.add_argument_group("admission (shedding, wake on request)")
+    admission.add_argument(
+        "--saturation-in-flight",
+        type=int,
+        default=0,
+        help="refuse callers that can spill elsewhere (x-kvmesh-spill) with RESOURCE_EXHAUSTED "
+        "once this router's requests in flight per decode worker reach this; 0: never",
+    )
+    admission.add_argument(
+        "--wake-timeout-s",
+        type=float,
+        default=120.0,
+        help="with no decode worker, a request waits this long for one (writing the wake key "
+        "the autoscaler reads), then fails UNAVAILABLE",
+    )
+    admission.add_argument(
+        "--kv-datacenter",
+        default=None,
+        help="the datacenter whose KV holds the mesh's shared keys (the wake key); "
+        "default: the registry agent's own",
     )
     routing = parser.add_argument_group("routing (docs/architecture.md: cache-aware routing)")
     routing.add_argument("--policy", choices=POLICIES, default="cache_aware")
@@ -120,5 +144,12 @@ def parse(argv: list[str] | None = None) -> tuple[RouterConfig, str]:
         pending_ttl_s=args.pending_ttl_s,
         kv_stall_s=args.kv_stall_s,
         only_workers=tuple(w for w in args.only_workers.split(",") if w),
+        saturation_in_flight=args.saturation_in_flight,
+        wake_timeout_s=args.wake_timeout_s,
+        kv_datacenter=args.kv_datacenter,
     )
+    if config.saturation_in_flight < 0:
+        parser.error("--saturation-in-flight must not be negative")
+    if config.wake_timeout_s < 0:
+        parser.error("--wake-timeout-s must not be negative")
     return config, args.log_level

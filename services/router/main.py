@@ -12,12 +12,14 @@ from kvmesh.engine import loader
 from kvmesh.rpc import RpcServer, ServerConfig, ServiceBinding
 from kvmesh.rpc.service import ServiceSpec, run_service
 from kvmesh.text import load_tokenizer
+from services.router.admission import Admission
 from services.router.args import RouterConfig
 from services.router.index import PrefixIndex
 from services.router.planning import Planner
 from services.router.policy import Router
 from services.router.pool import WorkerPool
 from services.router.servicer import GenerationServicer
+from services.router.wake import WakeSignal
 
 log = structlog.get_logger(__name__)
 
@@ -41,7 +43,14 @@ async def run_router(config: RouterConfig) -> None:
     planner = Planner(
         pool, Router(config.policy, index), disagg_min_tokens=config.disagg_min_tokens
     )
-    servicer = GenerationServicer(config, pool, tokenizer, source.model_id, planner)
+    wake = WakeSignal(discovery, source.model_id, "decode", datacenter=config.kv_datacenter)
+    admission = Admission(
+        pool,
+        wake,
+        saturation_in_flight=config.saturation_in_flight,
+        wake_timeout_s=config.wake_timeout_s,
+    )
+    servicer = GenerationServicer(config, pool, tokenizer, source.model_id, planner, admission)
     binding = ServiceBinding(
         generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,
         lambda server: generation_pb2_grpc.add_GenerationServicer_to_server(servicer, server),
@@ -56,6 +65,7 @@ async def run_router(config: RouterConfig) -> None:
     )
 
     def serving(server: RpcServer, metrics_port: int | None) -> None:
+        wake.router = server.address
         print(f"router serving {server.address} metrics_port={metrics_port}", flush=True)
 
     await pool.start()

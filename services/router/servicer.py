@@ -7,6 +7,11 @@
       no:  Decode on D without a handle (D prefills locally)
     D fails mid-stream: migrate to another D with prompt + tokens so far (no duplicates, no gaps)
 
+Before any of it, admission (admission.py): with no decode worker the request waits for one
+(wake on request) or, when the caller can spill to another cluster, is refused at once, as it
+is when this router is saturated. A request resumed from another cluster (`resume_token_ids`)
+goes the way of a migration: D computes prompt + the resumed tokens and continues after them.
+
 Cancellation propagates: when the client goes away this handler is cancelled, which cancels
 the worker call in flight; a KV lease nobody will read is released at once.
 """
@@ -29,11 +34,14 @@ from kvmesh.api.v1 import (
     worker_pb2_grpc,
 )
 from kvmesh.engine.errors import InvalidRequestError, ModelNotFoundError
+from kvmesh.engine.sampling import SamplingParams
 from kvmesh.engine.validation import validate_request
 from kvmesh.rpc.errors import RpcCallError, UnavailableError, from_rpc_error
+from kvmesh.rpc.spill import wants_spill
 from kvmesh.telemetry import metrics
 from kvmesh.text import Tokenizer
 from kvmesh.worker import convert
+from services.router.admission import Admission
 from services.router.args import RouterConfig
 from services.router.planning import Plan, Planner
 from services.router.pool import WorkerPool
@@ -60,10 +68,17 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         tokenizer: Tokenizer | None,
         model_id: str,
         planner: Planner,
+        admission: Admission | None = None,
     ) -> None:
         self._config = config
         self._pool = pool
         self._planner = planner
+        self._admission = admission or Admission(
+            pool,
+            None,
+            saturation_in_flight=config.saturation_in_flight,
+            wake_timeout_s=config.wake_timeout_s,
+        )
         self._tokenizer = tokenizer
         self._model_id = model_id
         self._background: set[asyncio.Task[None]] = set()
@@ -90,14 +105,37 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         )
         if sampling.stop and self._tokenizer is None:
             raise InvalidRequestError("stop strings need a tokenizer; this model has none here")
-        vocab_size, max_model_len = self._limits()
-        validate_request(prompt, sampling, vocab_size=vocab_size, max_model_len=max_model_len)
-        stream = RequestStream(
-            request_id, prompt, sampling, self._tokenizer, return_token_ids=request.return_token_ids
-        )
-        plan = self._planner.plan(prompt)
+        spill = wants_spill(context.invocation_metadata() if context is not None else None)
+        async with self._admission.admitted(spill=spill):
+            vocab_size, max_model_len = self._limits()
+            validate_request(prompt, sampling, vocab_size=vocab_size, max_model_len=max_model_len)
+            resumed = list(request.resume_token_ids)
+            validate_resumed(resumed, sampling, vocab_size=vocab_size)
+            stream = RequestStream(
+                request_id,
+                prompt,
+                sampling,
+                self._tokenizer,
+                return_token_ids=request.return_token_ids,
+            )
+            async for response in self._generate(stream, resumed):
+                yield response
+
+    async def _generate(
+        self, stream: RequestStream, resumed: list[int]
+    ) -> AsyncIterator[generation_pb2.GenerateResponse]:
+        if resumed:
+            # Like a migration: the decode worker computes prompt + resumed tokens itself.
+            plan = self._planner.plan(stream.prompt + resumed)
+            plan.prefill = None
+            finished = stream.resume(resumed)
+            if finished is not None:  # the resumed text already holds a stop string
+                yield finished
+                return
+        else:
+            plan = self._planner.plan(stream.prompt)
         handle: common_pb2.KvHandle | None = None
-        path = "aggregated"
+        path = "resumed" if resumed else "aggregated"
         try:
             if plan.prefill is not None:
                 prefilled = await self._prefill(stream, plan)
@@ -327,6 +365,20 @@ class _StreamEnded(RpcCallError):
 
     def __init__(self) -> None:
         super().__init__("decode stream ended before the request finished")
+
+
+def validate_resumed(resumed: list[int], sampling: SamplingParams, *, vocab_size: int) -> None:
+    """`resume_token_ids` must be in the vocabulary and leave at least one token to generate."""
+    bad = [t for t in resumed if t >= vocab_size]
+    if bad:
+        raise InvalidRequestError(
+            f"resume_token_ids has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}"
+        )
+    if len(resumed) >= sampling.max_tokens:
+        raise InvalidRequestError(
+            f"resume_token_ids has {len(resumed)} tokens; it must be shorter than max_tokens "
+            f"({sampling.max_tokens})"
+        )
 
 
 def _current_request_id() -> str:

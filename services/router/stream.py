@@ -4,6 +4,10 @@ Tokens arrive from the prefill worker (the first) and from one or more decode wo
 across migrations); the router keeps everything generated so far (a migrated request continues
 from it), detokenizes incrementally, and cuts the text at a stop string the same way the engine
 does. Without a tokenizer (a model served as token ids only) the text stays empty.
+
+A request resumed from another router (`resume`) starts with the tokens that router streamed:
+they count as generated, and the detokenizer reads them without streaming their text again, so
+the text continues exactly where the other router's left off and a stop string can span both.
 """
 
 from __future__ import annotations
@@ -42,6 +46,21 @@ class RequestStream:
         self._started = time.perf_counter()
         self._first_token_s: float | None = None
         self.prefill_s = 0.0
+
+    def resume(self, token_ids: Sequence[int]) -> generation_pb2.GenerateResponse | None:
+        """Start after tokens another router already streamed to the client.
+
+        Their text reached the client already (the same tokens give the same text), so it is
+        read, not returned. The last response, if those tokens already end on a stop string.
+        """
+        self.generated += token_ids
+        if self._detokenizer is None:
+            return None
+        self._detokenizer.add(token_ids)
+        stopped_on = self._detokenizer.stopped_on
+        if stopped_on is None:
+            return None
+        return self.add([], [], common_pb2.FINISH_REASON_STOP, stopped_on)
 
     @property
     def finished(self) -> bool:

@@ -98,6 +98,7 @@ class GenerateRequest(_message.Message):
     PRIORITY_FIELD_NUMBER: _builtins.int
     DEADLINE_FIELD_NUMBER: _builtins.int
     RETURN_TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_IDS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """empty: the router assigns one (also read from x-request-id)"""
     model: _builtins.str
@@ -119,6 +120,14 @@ class GenerateRequest(_message.Message):
     def deadline(self) -> _timestamp_pb2.Timestamp:
         """besides the gRPC deadline, for queued work"""
 
+    @_builtins.property
+    def resume_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Tokens another router already streamed to the client for this same request (a failover
+        between clusters): generation continues after them. They count toward max_tokens and
+        usage.completion_tokens, stop strings see their text, and they are not streamed again.
+        Each must be in the vocabulary, and there must be fewer than max_tokens of them.
+        """
+
     def __init__(
         self,
         *,
@@ -132,10 +141,11 @@ class GenerateRequest(_message.Message):
         priority: _builtins.int = ...,
         deadline: _timestamp_pb2.Timestamp | None = ...,
         return_token_ids: _builtins.bool = ...,
+        resume_token_ids: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "deadline", b"deadline", "input", b"input", "sampling", b"sampling", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "deadline", b"deadline", "input", b"input", "model", b"model", "priority", b"priority", "request_id", b"request_id", "return_token_ids", b"return_token_ids", "sampling", b"sampling", "tenant", b"tenant", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "deadline", b"deadline", "input", b"input", "model", b"model", "priority", b"priority", "request_id", b"request_id", "resume_token_ids", b"resume_token_ids", "return_token_ids", b"return_token_ids", "sampling", b"sampling", "tenant", b"tenant", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["text", "chat", "token_ids"]  # noqa: Y015
     _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015

@@ -14,6 +14,14 @@ answer (finish LENGTH), otherwise it ends with STOP. Some inputs script other be
 Rules of the real router that the edge must pass through: temperature < 0 is INVALID_ARGUMENT,
 a model other than `MODEL` is NOT_FOUND. Every request, its `x-request-id` metadata and every
 cancellation are recorded.
+
+As one cluster among several (spillover, failover), like the real router: `resume_token_ids`
+skip that many tokens of the echo (they count in usage), token ids are sent when asked for, and
+whether `x-kvmesh-spill: 1` came is recorded. Modes, whatever the input:
+
+    saturated               RESOURCE_EXHAUSTED before any message, for calls with the spill key
+    unavailable             UNAVAILABLE before any message
+    break_after = N         N messages, then UNAVAILABLE (a router that dies mid-stream)
 """
 
 from __future__ import annotations
@@ -25,7 +33,14 @@ import grpc
 
 from kvmesh.api.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from kvmesh.rpc import REQUEST_ID_KEY, RpcServer, ServerConfig, ServiceBinding
-from kvmesh.rpc.errors import InvalidArgumentError, NotFoundError, RpcCallError
+from kvmesh.rpc.errors import (
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+    RpcCallError,
+    UnavailableError,
+)
+from kvmesh.rpc.spill import wants_spill
 
 MODEL = "fake-model"
 GENERATION_SERVICE = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
@@ -44,6 +59,10 @@ class FakeRouter(generation_pb2_grpc.GenerationServicer):
     def reset(self) -> None:
         self.requests: list[generation_pb2.GenerateRequest] = []
         self.request_ids: list[str | None] = []  # x-request-id metadata, per request
+        self.spill: list[bool] = []  # whether x-kvmesh-spill: 1 came, per request
+        self.saturated = False
+        self.unavailable = False
+        self.break_after: int | None = None
         self.generating = asyncio.Event()  # set when a Generate call arrives
         self.cancelled = asyncio.Event()  # set when a Generate call is cancelled
         self.num_cancelled = 0
@@ -57,6 +76,7 @@ class FakeRouter(generation_pb2_grpc.GenerationServicer):
         self.requests.append(request)
         metadata = dict(context.invocation_metadata() or ())
         self.request_ids.append(metadata.get(REQUEST_ID_KEY))
+        self.spill.append(wants_spill(metadata.items()))
         self.generating.set()
         try:
             async for response in self._script(request):
@@ -67,6 +87,10 @@ class FakeRouter(generation_pb2_grpc.GenerationServicer):
             raise
 
     async def _script(self, request: generation_pb2.GenerateRequest) -> Any:
+        if self.saturated and self.spill[-1]:
+            raise ResourceExhaustedError("scripted: saturated")
+        if self.unavailable:
+            raise UnavailableError("scripted: unavailable")
         if request.model != MODEL:
             raise NotFoundError(f"model '{request.model}' is not served")
         sampling = request.sampling
@@ -94,13 +118,19 @@ class FakeRouter(generation_pb2_grpc.GenerationServicer):
             return
         limit = sampling.max_tokens if sampling.HasField("max_tokens") else len(tokens)
         answer = tokens[:limit]
+        resumed = len(request.resume_token_ids)
         for i, (token_id, text) in enumerate(answer):
+            if i < resumed:
+                continue  # streamed by another router already
+            if self.break_after is not None and i - resumed >= self.break_after:
+                raise UnavailableError("scripted: the router went away")
             message = generation_pb2.GenerateResponse(
                 request_id=request.request_id,
                 text=text if i == 0 else f" {text}",
                 logprobs=[_logprob(token_id, i, sampling.top_logprobs)]
                 if sampling.logprobs
                 else [],
+                token_ids=[token_id] if request.return_token_ids else [],
             )
             if i == len(answer) - 1:
                 length = limit < len(tokens)
