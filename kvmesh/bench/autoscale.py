@@ -40,6 +40,7 @@ from kvmesh.api.v1 import (
     controlplane_pb2_grpc,
 )
 from kvmesh.bench import load
+from kvmesh.telemetry.scrape import scrape
 from kvmesh.up import Mesh, UpConfig
 from kvmesh.worker.remote import WorkerClients
 
@@ -110,6 +111,20 @@ def _phase(result: load.BenchResult, started: float, max_tokens: int) -> dict[st
         "ttft_p50_s": _pct(ttfts, 0.5),
         "ttft_p90_s": _pct(ttfts, 0.9),
     }
+
+
+async def _edge_outcomes(url: str) -> dict[str, float]:
+    """The edge's `kvmesh_edge_cluster_requests_total` as {"cluster/outcome": count}."""
+    host, _, port = url.removeprefix("http://").rpartition(":")
+    samples = await scrape(int(port), host)
+    prefix = "kvmesh_edge_cluster_requests_total{"
+    outcomes = {}
+    for key, value in samples.items():
+        if key.startswith(prefix):
+            labels = dict(part.split("=", 1) for part in key[len(prefix) : -1].split(","))
+            name = f"{labels['cluster'].strip(chr(34))}/{labels['outcome'].strip(chr(34))}"
+            outcomes[name] = value
+    return dict(sorted(outcomes.items()))
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -255,7 +270,13 @@ async def zero(bench: AutoscaleBench, log_dir: Path) -> dict[str, Any]:
 
         t_zero = await _until(at_zero, bench.scale_down_delay_s + 120, "the tier reaching 0")
         t_sent = time.time()
-        one = await load.run_async(_load(bench, mesh.edge_url, 1.0, 1.0, 4))
+        sending = asyncio.create_task(load.run_async(_load(bench, mesh.edge_url, 1.0, 1.0, 4)))
+
+        async def registered() -> bool:
+            return bool(await admin.workers())
+
+        t_registered = await _until(registered, 300, "a decode replica registering")
+        one = await sending
         t_done = time.time()
         woke = [
             d
@@ -274,6 +295,7 @@ async def zero(bench: AutoscaleBench, log_dir: Path) -> dict[str, Any]:
             "send_to_wake_decision_s": (
                 round(woke[-1].time.ToDatetime().timestamp() - t_sent, 2) if woke else None
             ),
+            "send_to_replica_registered_s": round(t_registered - t_sent, 2),
             "request_e2e_s": round(t_done - t_sent, 2),
             "wake_reason": woke[-1].reason if woke else None,
         }
@@ -315,6 +337,7 @@ async def failover(bench: AutoscaleBench, log_dir: Path) -> dict[str, Any]:
             "failed_in_flight_at_kill": sum(1 for r in in_flight if not r.ok),
             "max_ttft_after_kill_s": round(max(r.ttft_s or 0 for r in after), 2) if after else None,
             "first_token_after_kill_s": round(min(served_after), 2) if served_after else None,
+            "edge_outcomes": await _edge_outcomes(mesh.edge_url),
         }
     finally:
         await mesh.stop()
@@ -350,6 +373,7 @@ async def cordon(bench: AutoscaleBench, log_dir: Path) -> dict[str, Any]:
             "all": _phase(result, 0.0, bench.max_tokens),
             "cordon_to_us_east_empty_s": round(t_moved - t_cordon, 2),
             "eu_west_replicas_after": len(await admin.workers()),
+            "edge_outcomes": await _edge_outcomes(mesh.edge_url),
         }
     finally:
         await mesh.stop()
@@ -380,6 +404,7 @@ async def spillover(bench: AutoscaleBench, log_dir: Path) -> dict[str, Any]:
             "ttft_target_s": bench.ttft_target_s,
             "rate": rate,
             "runs": phases,
+            "edge_outcomes_spillover": await _edge_outcomes(mesh.edge_url),
             "home_only_within_target": _within(phases["home_only"], bench.ttft_target_s),
             "spillover_within_target": _within(phases["spillover"], bench.ttft_target_s),
         }

@@ -1,10 +1,12 @@
 """The workers the router can use, kept current from discovery, with their load and KV.
 
 Each worker gets a channel, its `WorkerInfo`, a `WatchLoad` stream and a KV event follower that
-keeps its entries in the prefix index (`index.py`, `kv_watch.py`); a worker that leaves
-discovery loses its entries at once. The router also counts what it has sent to a worker and
-not yet finished (`in_flight` requests, `pending_tokens` of prefill), which reacts at once,
-while load reports arrive every interval. Choosing among the workers is `policy.py`'s job.
+keeps its entries in the prefix index (`index.py`, `kv_watch.py`). A worker that leaves
+discovery loses its entries and gets no new requests at once, but its channel stays open until
+the requests already sent to it end (a drained worker deregisters, then finishes them). The
+router also counts what it has sent to a worker and not yet finished (`in_flight` requests,
+`pending_tokens` of prefill), which reacts at once, while load reports arrive every interval.
+Choosing among the workers is `policy.py`'s job.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ log = structlog.get_logger(__name__)
 
 TIERS = ("prefill", "decode")
 _FAILURE_COOLDOWN_S = 2.0
+_LEFT_WORKER_GRACE_S = 600.0  # a worker that left keeps its channel this long for its requests
 
 
 @dataclass(eq=False, slots=True)
@@ -44,6 +47,7 @@ class Worker:
     failed_at: float = -1e9
     watcher: asyncio.Task[None] | None = None
     kv_follower: asyncio.Task[None] | None = None
+    idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while in_flight == 0
 
     @property
     def prefill(self) -> worker_pb2_grpc.PrefillAsyncStub:
@@ -56,11 +60,14 @@ class Worker:
     def begin(self, prefill_tokens: int = 0) -> None:
         """A request was sent here (with this many prompt tokens to prefill)."""
         self.in_flight += 1
+        self.idle.clear()
         self.pending_tokens += prefill_tokens
         metrics.ROUTER_WORKER_IN_FLIGHT.labels(self.tier, self.worker_id).set(self.in_flight)
 
     def end(self, prefill_tokens: int = 0) -> None:
         self.in_flight -= 1
+        if self.in_flight == 0:
+            self.idle.set()
         self.pending_tokens -= prefill_tokens
         metrics.ROUTER_WORKER_IN_FLIGHT.labels(self.tier, self.worker_id).set(self.in_flight)
 
@@ -89,6 +96,7 @@ class WorkerPool:
         self._only = frozenset(only_workers)  # empty: every worker discovery lists
         self._workers: dict[str, dict[str, Worker]] = {tier: {} for tier in TIERS}
         self._tasks: list[asyncio.Task[None]] = []
+        self._closing: set[asyncio.Task[None]] = set()  # channels of left workers, once idle
         self._changed = asyncio.Condition()
 
     async def start(self) -> None:
@@ -103,7 +111,11 @@ class WorkerPool:
                 await task
         for tier in TIERS:
             for worker in list(self._workers[tier].values()):
-                await self._remove(worker)
+                await self._remove(worker, at_once=True)
+        for task in list(self._closing):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     def workers(self, tier: str) -> list[Worker]:
         return [w for w in self._workers[tier].values() if w.info is not None]
@@ -163,17 +175,35 @@ class WorkerPool:
                 log.debug("load stream broke", worker_id=worker.worker_id, error=e.details())
             await asyncio.sleep(0.5)  # reconnect pause; discovery removes a dead worker
 
-    async def _remove(self, worker: Worker) -> None:
+    async def _remove(self, worker: Worker, *, at_once: bool = False) -> None:
+        """Forget a worker that left discovery. Its channel stays open while requests sent
+        to it are in flight: a worker being drained deregisters first and then finishes them
+        (a dead one fails them, which ends them just as well)."""
         for task in (worker.watcher, worker.kv_follower):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self.index.remove_worker(worker.worker_id)
+        if worker.in_flight > 0 and not at_once:
+            closing = asyncio.create_task(self._close_when_idle(worker))
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
+        else:
+            await self._close(worker)
+        await self._notify()
+
+    async def _close_when_idle(self, worker: Worker) -> None:
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(worker.idle.wait(), _LEFT_WORKER_GRACE_S)
+        finally:
+            await self._close(worker)
+
+    async def _close(self, worker: Worker) -> None:
         with contextlib.suppress(KeyError):
             metrics.ROUTER_WORKER_IN_FLIGHT.remove(worker.tier, worker.worker_id)
         await worker.channel.close(None)
-        await self._notify()
 
     async def _notify(self) -> None:
         async with self._changed:

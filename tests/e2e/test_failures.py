@@ -11,10 +11,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from kvmesh.api.v1 import worker_pb2, worker_pb2_grpc
 from kvmesh.bench.prompts import CHAT_PROMPTS
 from kvmesh.engine import EngineConfig, EngineCore, SamplingParams
 from kvmesh.up import Child, Mesh
-from tests.e2e.mesh import children, metric, running_mesh
+from tests.e2e.mesh import children, grpc_channel, metric, running_mesh
 from tests.helpers import generate
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -138,3 +139,37 @@ async def test_no_blocks_stay_pinned_after_cancels_and_a_killed_decode_worker(me
     assert await metric(prefill, "kvmesh_engine_kv_blocks_pinned") == 0
     assert await metric(prefill, "kvmesh_worker_leases_active") == 0
     assert await metric(prefill, "kvmesh_engine_running_requests") == 0
+
+
+async def test_draining_the_busy_decode_worker_lets_its_request_finish(mesh: Mesh) -> None:
+    """Drain = NOT_SERVING -> deregister -> in-flight requests finish: the router must keep
+    serving a request on a worker that left discovery, and no migration may be needed."""
+    router = next(c for c in mesh.children if c.name == "router")
+    migrations_before = await metric(router, "kvmesh_router_migrations_total")
+    drained: list[worker_pb2.DrainResponse] = []
+
+    async def drain_after_a_few_chunks(text_so_far: str) -> None:
+        if not drained and len(text_so_far) > 20:
+            victim = await busy_decode_worker(mesh)
+            async with grpc_channel(victim) as channel:
+                stub = worker_pb2_grpc.WorkerStub(channel)
+                drained.append(await stub.Drain(worker_pb2.DrainRequest(timeout_ms=60_000)))
+
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Tell me a long story about a lighthouse."}],
+        "max_tokens": 64,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    async with (
+        httpx.AsyncClient(base_url=mesh.edge_url, timeout=120) as http,
+        http.stream("POST", "/v1/chat/completions", json=body) as response,
+    ):
+        assert response.status_code == 200
+        text = await sse_text(response, drain_after_a_few_chunks)
+    assert drained and drained[0].drained and drained[0].remaining_requests == 0
+    assert text
+    assert await metric(router, "kvmesh_router_migrations_total") == migrations_before
