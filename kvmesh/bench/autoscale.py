@@ -158,6 +158,14 @@ class Admin:
             )
         return [w for w in response.workers if w.tier == proto_tier]
 
+    async def events(self) -> list[controlplane_pb2.Event]:
+        async with grpc.aio.insecure_channel(self._mesh.controlplane_address) as channel:
+            stub = controlplane_pb2_grpc.ControlPlaneStub(channel)
+            response = await stub.ListEvents(
+                controlplane_pb2.ListEventsRequest(limit=1000), metadata=self._metadata
+            )
+        return list(response.events)
+
     async def cordon(self, cluster: str) -> None:
         async with grpc.aio.insecure_channel(self._mesh.controlplane_address) as channel:
             stub = controlplane_pb2_grpc.ControlPlaneStub(channel)
@@ -366,12 +374,21 @@ async def cordon(bench: AutoscaleBench, log_dir: Path) -> dict[str, Any]:
         async def moved() -> bool:
             return {w.cluster for w in await admin.workers()} == {"eu-west"}
 
-        t_moved = await _until(moved, seconds + 120, "us-east drained")
+        t_moved = await _until(moved, seconds + 120, "us-east deregistered")
+
+        async def removed() -> bool:
+            return any(
+                e.kind == "scale_down" and e.message.startswith("us-east:")
+                for e in await admin.events()
+            )
+
+        t_removed = await _until(removed, seconds + 120, "us-east drained and removed")
         result = await running
         return {
             "scenario": "cordon",
             "all": _phase(result, 0.0, bench.max_tokens),
-            "cordon_to_us_east_empty_s": round(t_moved - t_cordon, 2),
+            "cordon_to_us_east_deregistered_s": round(t_moved - t_cordon, 2),
+            "cordon_to_us_east_drained_and_removed_s": round(t_removed - t_cordon, 2),
             "eu_west_replicas_after": len(await admin.workers()),
             "edge_outcomes": await _edge_outcomes(mesh.edge_url),
         }
