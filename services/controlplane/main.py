@@ -178,7 +178,11 @@ async def build_actuators(config: ControlPlaneConfig, discovery: Discovery) -> d
 
 async def run_controlplane(config: ControlPlaneConfig) -> None:
     discovery = Discovery(config.registry)
-    actuators = await build_actuators(config, discovery)
+    try:
+        actuators = await build_actuators(config, discovery)
+    except BaseException:
+        await discovery.close()
+        raise
     plane = ControlPlane(
         discovery, actuators, interval_s=config.interval_s, drain_timeout_s=config.drain_timeout_s
     )
