@@ -72,7 +72,9 @@ async def run_service(
     `on_serving(server, metrics_port)` runs once the service is registered (processes print
     their ready line there).
     """
-    metrics = start_metrics_server(spec.metrics_port) if spec.metrics_port is not None else None
+    metrics = None
+    if spec.metrics_port is not None:  # on the gRPC host: the registered address serves both
+        metrics = start_metrics_server(spec.metrics_port, spec.server.host)
     server = RpcServer(spec.services, spec.server, authenticator=spec.authenticator)
     server.stop_on_signals()
     port = await server.start()
