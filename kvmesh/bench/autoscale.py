@@ -151,27 +151,21 @@ class Admin:
 
     async def workers(self, tier: str = "decode") -> list[controlplane_pb2.WorkerSummary]:
         proto_tier = common_pb2.TIER_DECODE if tier == "decode" else common_pb2.TIER_PREFILL
-        async with grpc.aio.insecure_channel(self._mesh.controlplane_address) as channel:
-            stub = controlplane_pb2_grpc.ControlPlaneStub(channel)
-            response = await stub.ListWorkers(
-                controlplane_pb2.ListWorkersRequest(), metadata=self._metadata
-            )
+        response = await self._controlplane("ListWorkers", controlplane_pb2.ListWorkersRequest())
         return [w for w in response.workers if w.tier == proto_tier]
 
     async def events(self) -> list[controlplane_pb2.Event]:
-        async with grpc.aio.insecure_channel(self._mesh.controlplane_address) as channel:
-            stub = controlplane_pb2_grpc.ControlPlaneStub(channel)
-            response = await stub.ListEvents(
-                controlplane_pb2.ListEventsRequest(limit=1000), metadata=self._metadata
-            )
-        return list(response.events)
+        request = controlplane_pb2.ListEventsRequest(limit=1000)
+        return list((await self._controlplane("ListEvents", request)).events)
 
     async def cordon(self, cluster: str) -> None:
+        request = controlplane_pb2.CordonClusterRequest(cluster=cluster)
+        await self._controlplane("CordonCluster", request)
+
+    async def _controlplane(self, method: str, request: Any) -> Any:
         async with grpc.aio.insecure_channel(self._mesh.controlplane_address) as channel:
             stub = controlplane_pb2_grpc.ControlPlaneStub(channel)
-            await stub.CordonCluster(
-                controlplane_pb2.CordonClusterRequest(cluster=cluster), metadata=self._metadata
-            )
+            return await getattr(stub, method)(request, metadata=self._metadata)
 
 
 async def _until(check: Callable[[], Awaitable[bool]], timeout_s: float, what: str) -> float:

@@ -1,6 +1,6 @@
 """gRPC plumbing shared by every service: server bootstrap, channels, errors, auth."""
 
-from kvmesh.rpc.auth import TokenAuthenticator, bearer
+from kvmesh.rpc.auth import TokenAuthenticator, admin_authenticator, bearer
 from kvmesh.rpc.channels import open_channel
 from kvmesh.rpc.errors import RpcCallError, from_rpc_error, status_of
 from kvmesh.rpc.interceptors import REQUEST_ID_KEY, Authenticator
@@ -14,6 +14,7 @@ __all__ = [
     "ServerConfig",
     "ServiceBinding",
     "TokenAuthenticator",
+    "admin_authenticator",
     "bearer",
     "from_rpc_error",
     "open_channel",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hmac
 from collections.abc import Mapping, Sequence
 
+import structlog
+
 from kvmesh.rpc.errors import AuthenticationError
 
 AUTHORIZATION_KEY = "authorization"
@@ -32,3 +34,14 @@ class TokenAuthenticator:
 def bearer(token: str) -> tuple[tuple[str, str], ...]:
     """Call metadata carrying `token`."""
     return ((AUTHORIZATION_KEY, f"Bearer {token}"),)
+
+
+def admin_authenticator(token: str | None, service: str) -> TokenAuthenticator | None:
+    """Every method of `service` (a full name, `kvmesh.v1.ControlPlane`) behind `token`; None,
+    with a warning, when there is no token (development only: the RPCs are then open)."""
+    if token:
+        return TokenAuthenticator(token, [f"/{service}/"])
+    structlog.get_logger(__name__).warning(
+        "no admin token: the RPCs are open to anyone who can connect", service=service
+    )
+    return None

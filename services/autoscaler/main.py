@@ -20,7 +20,7 @@ import structlog
 
 from kvmesh.api.v1 import autoscaler_pb2, autoscaler_pb2_grpc
 from kvmesh.discovery import Discovery
-from kvmesh.rpc import RpcServer, ServerConfig, ServiceBinding, TokenAuthenticator
+from kvmesh.rpc import RpcServer, ServerConfig, ServiceBinding, admin_authenticator
 from kvmesh.rpc.service import ServiceSpec, run_service
 from services.autoscaler.loop import DEFAULT_TICK_S, AutoscalerLoop, DecisionLog
 from services.autoscaler.observe import MeshObserver
@@ -95,11 +95,7 @@ async def run_autoscaler(config: AutoscalerConfig) -> None:
         SERVICE_NAME,
         lambda server: autoscaler_pb2_grpc.add_AutoscalerServicer_to_server(servicer, server),
     )
-    authenticator = None
-    if config.admin_token:
-        authenticator = TokenAuthenticator(config.admin_token, [METHOD_PREFIX])
-    else:
-        log.warning("no admin token: the Autoscaler RPCs are open to anyone who can connect")
+    authenticator = admin_authenticator(config.admin_token, SERVICE_NAME)
     spec = ServiceSpec(
         role="autoscaler",
         services=[binding],

@@ -25,7 +25,7 @@ import structlog
 from kvmesh.api.v1 import controlplane_pb2, controlplane_pb2_grpc
 from kvmesh.discovery import Discovery
 from kvmesh.engine import loader
-from kvmesh.rpc import RpcServer, ServerConfig, ServiceBinding, TokenAuthenticator
+from kvmesh.rpc import RpcServer, ServerConfig, ServiceBinding, admin_authenticator
 from kvmesh.rpc.service import ServiceSpec, run_service
 from services.controlplane.actuator import Actuator
 from services.controlplane.local import LocalActuator
@@ -191,11 +191,7 @@ async def run_controlplane(config: ControlPlaneConfig) -> None:
         SERVICE_NAME,
         lambda server: controlplane_pb2_grpc.add_ControlPlaneServicer_to_server(servicer, server),
     )
-    authenticator = None
-    if config.admin_token:
-        authenticator = TokenAuthenticator(config.admin_token, [f"/{SERVICE_NAME}/"])
-    else:
-        log.warning("no admin token: the ControlPlane RPCs are open to anyone who can connect")
+    authenticator = admin_authenticator(config.admin_token, SERVICE_NAME)
     spec = ServiceSpec(
         role="controlplane",
         services=[binding],
