@@ -32,10 +32,10 @@ import grpc
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from kvmesh import tiers
 from kvmesh.api.v1 import (
     autoscaler_pb2,
     autoscaler_pb2_grpc,
-    common_pb2,
     controlplane_pb2,
     controlplane_pb2_grpc,
 )
@@ -43,8 +43,7 @@ from kvmesh.api.v1 import (
 # Scale and Cordon answer after a reconcile pass; DrainWorker after the drain (no deadline here:
 # the control plane's --drain-timeout-s bounds it).
 _TIMEOUT_S = 30.0
-_TIERS = {"prefill": common_pb2.TIER_PREFILL, "decode": common_pb2.TIER_DECODE}
-_TIER_NAMES: dict[int, str] = {value: name for name, value in _TIERS.items()}
+_TIERS = {name: tiers.to_proto(name) for name in tiers.TIERS}
 _MODES = {"load": autoscaler_pb2.SCALING_MODE_LOAD, "sla": autoscaler_pb2.SCALING_MODE_SLA}
 # `policy set` options -> ScalingPolicy fields; an option left out keeps the current value.
 _POLICY_OPTIONS = {
@@ -116,10 +115,6 @@ def render_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
     return "\n".join(line.rstrip() for line in lines)
 
 
-def _tier_name(tier: int) -> str:
-    return _TIER_NAMES.get(tier, str(tier))
-
-
 def _yes_no(value: bool) -> str:
     return "yes" if value else "no"
 
@@ -137,7 +132,7 @@ def _cluster_row(cluster: controlplane_pb2.Cluster) -> tuple[object, ...]:
 def _deployment_row(deployment: controlplane_pb2.Deployment) -> tuple[object, ...]:
     return (
         deployment.model,
-        _tier_name(deployment.tier),
+        tiers.from_proto(deployment.tier),
         deployment.cluster,
         deployment.desired_replicas,
         deployment.ready_replicas,
@@ -152,7 +147,7 @@ def _local_time(timestamp: Timestamp) -> str:
 
 def _policy_table(policy: autoscaler_pb2.ScalingPolicy) -> str:
     mode = {v: k for k, v in _MODES.items()}.get(policy.mode, str(policy.mode))
-    tier = _tier_name(policy.tier)
+    tier = tiers.from_proto(policy.tier)
     rows = [
         ("model", policy.model),
         ("tier", tier),
@@ -247,7 +242,7 @@ def decisions(target: Target, model: str, limit: int) -> None:
         (
             datetime.fromtimestamp(d.time.ToSeconds(), tz=timezone.utc).strftime("%H:%M:%S"),
             d.model,
-            _tier_name(d.tier),
+            tiers.from_proto(d.tier),
             d.current_replicas,
             d.desired_replicas,
             d.reason,
@@ -292,7 +287,7 @@ def workers(target: Target, cluster: str) -> None:
             w.worker_id,
             w.cluster,
             w.model,
-            _tier_name(w.tier),
+            tiers.from_proto(w.tier),
             w.grpc_address,
             w.num_running if w.healthy else "-",
             w.num_waiting if w.healthy else "-",

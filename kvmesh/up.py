@@ -27,7 +27,8 @@ import aiohttp
 import grpc
 import structlog
 
-from kvmesh.api.v1 import autoscaler_pb2, autoscaler_pb2_grpc, common_pb2
+from kvmesh import tiers
+from kvmesh.api.v1 import autoscaler_pb2, autoscaler_pb2_grpc
 from kvmesh.engine import loader
 from kvmesh.process import Child, start_child, stop_child, wait_ready
 
@@ -189,7 +190,6 @@ class Mesh:
 
     async def _decided_under(self, minimums: dict[str, int]) -> None:
         """Wait until the autoscaler's latest decision of each tier used the policy just set."""
-        tiers = {"prefill": common_pb2.TIER_PREFILL, "decode": common_pb2.TIER_DECODE}
         deadline = time.monotonic() + self.config.start_timeout_s
         async with grpc.aio.insecure_channel(self.autoscaler_address) as channel:
             stub = autoscaler_pb2_grpc.AutoscalerStub(channel)
@@ -202,7 +202,8 @@ class Mesh:
                 for decision in response.decisions:  # newest first
                     latest.setdefault(decision.tier, decision)
                 if all(
-                    tiers[tier] in latest and latest[tiers[tier]].inputs.get("min_replicas") == low
+                    (last := latest.get(tiers.to_proto(tier))) is not None
+                    and last.inputs.get("min_replicas") == low
                     for tier, low in minimums.items()
                 ):
                     return
@@ -212,7 +213,7 @@ class Mesh:
     async def set_policy(self, tier: str, **fields: float) -> None:
         """Store a scaling policy for the mesh's model through the autoscaler's RPC."""
         metadata = self._admin_metadata()
-        proto_tier = common_pb2.TIER_PREFILL if tier == "prefill" else common_pb2.TIER_DECODE
+        proto_tier = tiers.to_proto(tier)
         async with grpc.aio.insecure_channel(self.autoscaler_address) as channel:
             stub = autoscaler_pb2_grpc.AutoscalerStub(channel)
             policy = await stub.GetPolicy(

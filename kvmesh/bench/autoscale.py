@@ -32,10 +32,10 @@ from typing import Any
 
 import grpc
 
+from kvmesh import tiers
 from kvmesh.api.v1 import (
     autoscaler_pb2,
     autoscaler_pb2_grpc,
-    common_pb2,
     controlplane_pb2,
     controlplane_pb2_grpc,
 )
@@ -150,7 +150,7 @@ class Admin:
         return list(response.decisions)
 
     async def workers(self, tier: str = "decode") -> list[controlplane_pb2.WorkerSummary]:
-        proto_tier = common_pb2.TIER_DECODE if tier == "decode" else common_pb2.TIER_PREFILL
+        proto_tier = tiers.to_proto(tier)
         response = await self._controlplane("ListWorkers", controlplane_pb2.ListWorkersRequest())
         return [w for w in response.workers if w.tier == proto_tier]
 

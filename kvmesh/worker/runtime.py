@@ -18,7 +18,8 @@ import structlog
 import torch
 from prometheus_client import REGISTRY
 
-from kvmesh.api.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from kvmesh import tiers
+from kvmesh.api.v1 import worker_pb2, worker_pb2_grpc
 from kvmesh.engine import EngineConfig, EngineStoppedError, TorchEngine
 from kvmesh.kv.transfer import KvTransferAgent
 from kvmesh.rpc import RpcServer, ServerConfig, ServiceBinding
@@ -28,8 +29,6 @@ from kvmesh.worker.leases import LeaseTable
 from kvmesh.worker.servicers import KvTransferServicer, WorkerServicer
 
 log = structlog.get_logger(__name__)
-
-_TIERS = {"prefill": common_pb2.TIER_PREFILL, "decode": common_pb2.TIER_DECODE}
 
 
 @dataclass(slots=True)
@@ -110,8 +109,8 @@ class WorkerRuntime:
     """Owns the engine and what hangs off it; built before serving, warmed up in `start`."""
 
     def __init__(self, config: WorkerConfig) -> None:
-        if config.tier not in _TIERS:
-            raise ValueError(f"tier must be one of {sorted(_TIERS)}")
+        if config.tier not in tiers.TIERS:
+            raise ValueError(f"tier must be one of {sorted(tiers.TIERS)}")
         self.config = config
         self.worker_id = config.worker_id or f"{config.tier}-{uuid.uuid4().hex[:8]}"
         self._engine: TorchEngine | None = None
@@ -175,7 +174,7 @@ class WorkerRuntime:
         info = self.engine.info
         return worker_pb2.WorkerInfo(
             worker_id=self.worker_id,
-            tier=_TIERS[self.config.tier],
+            tier=tiers.to_proto(self.config.tier),
             model=info.model_id,
             block_size=info.block_size,
             num_blocks=info.num_blocks,

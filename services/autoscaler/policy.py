@@ -21,17 +21,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from kvmesh import tiers
 from kvmesh.api.v1 import autoscaler_pb2, common_pb2
 from kvmesh.engine.errors import InvalidRequestError
+from kvmesh.tiers import DECODE, PREFILL, TIERS
 
-PREFILL = "prefill"
-DECODE = "decode"
-TIERS = (PREFILL, DECODE)
+__all__ = ["DECODE", "LOAD", "MODES", "PREFILL", "SLA", "TIERS", "Policy"]
+
 LOAD = "load"
 SLA = "sla"
 MODES = (LOAD, SLA)
 
-_TIER_TO_PROTO = {PREFILL: common_pb2.TIER_PREFILL, DECODE: common_pb2.TIER_DECODE}
 _MODE_TO_PROTO = {LOAD: autoscaler_pb2.SCALING_MODE_LOAD, SLA: autoscaler_pb2.SCALING_MODE_SLA}
 # A model name becomes a path segment of a KV key and of an HTTP URL: no empty segments, no
 # characters that end or escape a URL path.
@@ -105,7 +105,7 @@ class Policy:
         self.validate()
         message = autoscaler_pb2.ScalingPolicy(
             model=self.model,
-            tier=_TIER_TO_PROTO[self.tier],
+            tier=tiers.to_proto(self.tier),
             min_replicas=self.min_replicas,
             max_replicas=self.max_replicas,
             mode=_MODE_TO_PROTO[self.mode],
@@ -183,15 +183,15 @@ def _typed_fields(data: Mapping[str, Any]) -> dict[str, Any]:
 
 def tier_to_proto(tier: str) -> common_pb2.Tier.ValueType:
     """The proto enum of a scaled tier; `InvalidRequestError` for any other."""
-    if tier not in _TIER_TO_PROTO:
+    if tier not in TIERS:
         _fail(f"tier must be prefill or decode, not {tier!r}")
-    return _TIER_TO_PROTO[tier]
+    return tiers.to_proto(tier)
 
 
 def tier_from_proto(tier: common_pb2.Tier.ValueType) -> str:
     """'prefill' / 'decode', or the name of a tier the autoscaler does not scale (validate()
     refuses those)."""
-    return _enum_name(common_pb2.Tier, tier, "TIER_")
+    return tiers.from_proto(tier)
 
 
 def _enum_name(enum: Any, value: int, prefix: str) -> str:

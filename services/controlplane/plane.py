@@ -37,13 +37,13 @@ from kvmesh.discovery import Discovery, DiscoveryError
 from kvmesh.discovery import keys as kv_keys
 from kvmesh.engine.errors import InvalidRequestError
 from kvmesh.rpc.errors import NotFoundError, UnavailableError
+from kvmesh.tiers import TIERS
 from kvmesh.worker.remote import WorkerClients
 from services.controlplane.actuator import Actuator, ActuatorError, Replica
 from services.controlplane.placement import ClusterSlot, place
 
 log = structlog.get_logger(__name__)
 
-TIERS = ("prefill", "decode")
 DEFAULT_INTERVAL_S = 2.0
 DEFAULT_DRAIN_TIMEOUT_S = 60.0
 EVENTS_KEPT = 1000

@@ -12,12 +12,10 @@ from typing import Any
 
 from google.protobuf import timestamp_pb2
 
-from kvmesh.api.v1 import common_pb2, controlplane_pb2, controlplane_pb2_grpc
+from kvmesh import tiers
+from kvmesh.api.v1 import controlplane_pb2, controlplane_pb2_grpc
 from kvmesh.engine.errors import InvalidRequestError
 from services.controlplane.plane import ClusterView, ControlPlane, DeploymentView
-
-_TIERS: dict[int, str] = {common_pb2.TIER_PREFILL: "prefill", common_pb2.TIER_DECODE: "decode"}
-_PROTO_TIERS = {"prefill": common_pb2.TIER_PREFILL, "decode": common_pb2.TIER_DECODE}
 
 
 class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
@@ -40,7 +38,7 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
                     worker_id=w.worker_id,
                     cluster=w.cluster,
                     model=w.model,
-                    tier=_PROTO_TIERS[w.tier],
+                    tier=tiers.to_proto(w.tier),
                     grpc_address=w.address,
                     healthy=w.load is not None,
                     num_running=w.load.num_running if w.load else 0,
@@ -93,8 +91,8 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
 
 
 def _tier(value: int) -> str:
-    tier = _TIERS.get(value)
-    if tier is None:
+    tier = tiers.from_proto(value)
+    if tier not in tiers.TIERS:
         raise InvalidRequestError(f"tier must be TIER_PREFILL or TIER_DECODE, not {value}")
     return tier
 
@@ -118,7 +116,7 @@ def _cluster(view: ClusterView) -> controlplane_pb2.Cluster:
 def _deployment(view: DeploymentView) -> controlplane_pb2.Deployment:
     return controlplane_pb2.Deployment(
         model=view.model,
-        tier=_PROTO_TIERS[view.tier],
+        tier=tiers.to_proto(view.tier),
         cluster=view.cluster,
         desired_replicas=view.desired,
         ready_replicas=view.ready,

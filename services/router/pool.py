@@ -24,12 +24,12 @@ from kvmesh.api.v1 import worker_pb2, worker_pb2_grpc
 from kvmesh.discovery import Discovery, ServiceInstance
 from kvmesh.rpc import open_channel
 from kvmesh.telemetry import metrics
+from kvmesh.tiers import TIERS
 from services.router.index import PrefixIndex
 from services.router.kv_watch import KvEventFollower
 
 log = structlog.get_logger(__name__)
 
-TIERS = ("prefill", "decode")
 _FAILURE_COOLDOWN_S = 2.0
 _LEFT_WORKER_GRACE_S = 600.0  # a worker that left keeps its channel this long for its requests
 
