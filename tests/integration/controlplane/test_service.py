@@ -88,7 +88,7 @@ async def eventually(
     while not condition(answer := await probe()):
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not within {START_TIMEOUT_S:g} s; last: {answer}")
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # polling the control plane, bounded by the deadline above
     return answer
 
 
