@@ -9,15 +9,12 @@ import uuid
 
 import click
 
-from kvmesh.engine import (
-    EngineConfig,
-    EngineError,
-    GenerateRequest,
-    InvalidRequestError,
-    SamplingParams,
-    TorchEngine,
-)
+from kvmesh.engine import EngineConfig
+from kvmesh.engine.torch_engine import TorchEngine
+from kvmesh.errors import EngineError, InvalidRequestError
+from kvmesh.sampling import SamplingParams
 from kvmesh.text.tokenizer import ChatMessage
+from kvmesh.types import GenerateRequest
 
 _HELP = "Type a message and press Enter. /reset forgets the conversation, /quit (or Ctrl-D) exits."
 

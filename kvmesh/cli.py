@@ -12,39 +12,64 @@ from typing import Any, TypeVar
 
 import click
 
-from kvmesh.engine.config import EngineConfig
-from kvmesh.engine.errors import EngineError
+from kvmesh.engine.config import ATTENTION_BACKENDS, DTYPES, EngineConfig
+from kvmesh.errors import KvmeshError
 from kvmesh.telemetry import configure_logging
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+_ENGINE_DEFAULTS = EngineConfig()
+
+
 def engine_options(fn: F) -> F:
-    """The options every command that runs an engine takes, turned into an EngineConfig."""
+    """The options every command that runs an engine takes, turned into an EngineConfig
+    (defaults from EngineConfig: written once)."""
+    d = _ENGINE_DEFAULTS
     options = [
         click.option(
             "--model",
-            default="smollm2",
+            default=d.model,
             show_default=True,
             help="smollm2, a Hugging Face directory, a .gguf file, or dummy:<preset>",
         ),
-        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N"),
+        click.option(
+            "--device", default=d.device, show_default=True, help="auto, cpu, cuda, cuda:N"
+        ),
         click.option(
             "--dtype",
-            default="auto",
+            default=d.dtype,
             show_default=True,
-            help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16",
+            type=click.Choice(DTYPES),
+            help="auto: float32 on CPU, bfloat16 on CUDA",
         ),
-        click.option("--block-size", default=16, show_default=True, help="tokens per KV block"),
-        click.option("--num-blocks", type=int, default=None, help="KV blocks (default: by memory)"),
-        click.option("--max-num-seqs", default=64, show_default=True),
+        click.option(
+            "--block-size", default=d.block_size, show_default=True, help="tokens per KV block"
+        ),
+        click.option(
+            "--num-blocks", type=int, default=d.num_blocks, help="KV blocks (default: by memory)"
+        ),
+        click.option("--max-num-seqs", default=d.max_num_seqs, show_default=True),
         click.option(
             "--max-batched-tokens",
-            default=2048,
+            default=d.max_num_batched_tokens,
             show_default=True,
             help="tokens per step; longer prompts are prefilled in chunks",
         ),
-        click.option("--max-model-len", type=int, default=None, help="context limit"),
+        click.option("--max-model-len", type=int, default=d.max_model_len, help="context limit"),
+        click.option(
+            "--attention-backend",
+            default=d.attention_backend,
+            show_default=True,
+            type=click.Choice(ATTENTION_BACKENDS),
+            help="auto: triton on CUDA, sdpa on CPU",
+        ),
+        click.option(
+            "--cuda-graphs/--no-cuda-graphs",
+            default=d.cuda_graphs,
+            show_default=True,
+            help="capture decode steps as CUDA graphs (CUDA, triton backend)",
+        ),
     ]
 
     @functools.wraps(fn)
@@ -58,10 +83,12 @@ def engine_options(fn: F) -> F:
             max_num_seqs=kwargs.pop("max_num_seqs"),
             max_num_batched_tokens=kwargs.pop("max_batched_tokens"),
             max_model_len=kwargs.pop("max_model_len"),
+            attention_backend=kwargs.pop("attention_backend"),
+            cuda_graphs=kwargs.pop("cuda_graphs"),
         )
         try:
             return fn(config=config, **kwargs)
-        except EngineError as e:
+        except KvmeshError as e:
             raise click.ClickException(str(e)) from e
 
     for option in reversed(options):
@@ -81,11 +108,11 @@ def main(log_level: str, log_json: bool | None) -> None:
 @click.option("--model", default="smollm2", show_default=True)
 def prepare(model: str) -> None:
     """Fetch and convert a model once, so later starts take seconds."""
-    from kvmesh.engine import loader
+    from kvmesh import models
 
     try:
-        source = loader.resolve(model)
-    except EngineError as e:
+        source = models.resolve(model)
+    except KvmeshError as e:
         raise click.ClickException(str(e)) from e
     click.echo(f"{model}: ready ({source.weights_dir or source.model_id})")
 
@@ -126,9 +153,9 @@ def check_accuracy(
     """Compare the engine with transformers on the same weights (greedy tokens, logits)."""
     from kvmesh.bench.accuracy import check_accuracy as run_check
     from kvmesh.bench.prompts import chat_prompt_ids
-    from kvmesh.engine import EngineCore
+    from kvmesh.engine.torch_engine import TorchCore
 
-    core = EngineCore(config)
+    core = TorchCore(config)
     report = run_check(
         core,
         chat_prompt_ids(core, num_prompts),
@@ -145,9 +172,20 @@ def check_accuracy(
 @click.option("--rounds", default=3, show_default=True, help="CPU: alternating rounds (medians)")
 @click.option("--gpu", is_flag=True, help="prefill and decode against rooflines instead")
 @click.option("--prefill-tokens", default=2048, show_default=True, help="GPU: prompt length")
-@click.option("--batches", default="1,32", show_default=True, help="GPU: decode batch sizes")
+@click.option(
+    "--cached-tokens", default=1536, show_default=True, help="GPU: prefix-hit prompt's cached part"
+)
+@click.option("--batches", default="1,32,64", show_default=True, help="GPU: decode batch sizes")
 @click.option("--context", default=512, show_default=True, help="GPU: decode context length")
+@click.option("--long-context", default=4096, show_default=True, help="GPU: long decode context")
+@click.option("--long-batch", default=32, show_default=True, help="GPU: its batch (0: skip)")
 @click.option("--steps", default=32, show_default=True, help="GPU: timed decode steps")
+@click.option(
+    "--transformers-batch",
+    default=32,
+    show_default=True,
+    help="GPU: transformers' generate at this batch, side by side (0: skip)",
+)
 @click.option("--json-out", type=click.Path(path_type=Path), default=None)
 def bench_engine(
     config: EngineConfig,
@@ -156,9 +194,13 @@ def bench_engine(
     rounds: int,
     gpu: bool,
     prefill_tokens: int,
+    cached_tokens: int,
     batches: str,
     context: int,
+    long_context: int,
+    long_batch: int,
     steps: int,
+    transformers_batch: int,
     json_out: Path | None,
 ) -> None:
     """Engine speed: against transformers on CPU, or against rooflines on a GPU (--gpu)."""
@@ -168,24 +210,34 @@ def bench_engine(
     if gpu:
         import torch
 
-        from kvmesh.engine import EngineCore
+        from kvmesh.engine.torch_engine import TorchCore
 
         config.max_num_batched_tokens = max(config.max_num_batched_tokens, prefill_tokens)
         sizes = [int(b) for b in batches.split(",")]
-        config.max_num_seqs = max(config.max_num_seqs, *sizes)
-        core = EngineCore(config)
+        config.max_num_seqs = max(config.max_num_seqs, *sizes, long_batch, transformers_batch)
+        shape: dict[str, Any] = {
+            "prefill_tokens": prefill_tokens,
+            "batches": sizes,
+            "context": context,
+            "long_context": long_context,
+            "long_batch": long_batch,
+            "steps": steps,
+        }
+        if config.num_blocks is None:
+            config.num_blocks = bench.gpu_blocks_needed(block_size=config.block_size, **shape)
+        core = TorchCore(config)
+        core.warm_up()
         name = torch.cuda.get_device_name(core.model.device) if torch.cuda.is_available() else ""
         report = bench.gpu_report(
             core,
-            prefill_tokens=prefill_tokens,
-            batches=sizes,
-            context=context,
-            steps=steps,
+            cached_tokens=cached_tokens,
+            transformers_batch=transformers_batch,
             peaks=bench.gpu_peaks(name),
+            **shape,
         )
         _emit(report, json_out)
         return
-    from kvmesh.engine import TorchEngine
+    from kvmesh.engine.torch_engine import TorchEngine
 
     engine = TorchEngine(config)
     prompts = chat_prompt_ids(engine.core, concurrency)
@@ -231,6 +283,29 @@ def bench_engine(
     default=None,
     help="admin token of the autoscaler and control plane (env KVMESH_ADMIN_TOKEN)",
 )
+@click.option(
+    "--worker-arg",
+    "worker_args",
+    multiple=True,
+    metavar="ARG",
+    help="one more argument for every worker, one token each, repeatable: "
+    "--worker-arg=--block-size --worker-arg=32",
+)
+@click.option(
+    "--prefill-arg",
+    "prefill_args",
+    multiple=True,
+    metavar="ARG",
+    help="one more argument for the prefill workers, after --worker-arg's (so it wins); one "
+    "token each, repeatable: --prefill-arg=--attention-backend --prefill-arg=sdpa",
+)
+@click.option(
+    "--decode-arg",
+    "decode_args",
+    multiple=True,
+    metavar="ARG",
+    help="the same for the decode workers: --decode-arg=--attention-backend --decode-arg=paged",
+)
 def up(
     model: str,
     num_prefill: int,
@@ -245,8 +320,23 @@ def up(
     autoscale: bool,
     capacity: int,
     admin_token: str | None,
+    worker_args: tuple[str, ...],
+    prefill_args: tuple[str, ...],
+    decode_args: tuple[str, ...],
 ) -> None:
-    """Start the whole mesh on this machine: registry, workers, router, HTTP edge."""
+    """Start the whole mesh on this machine: registry, workers, router, HTTP edge.
+
+    Workers take any worker option (`python -m services.prefill --help`) through --worker-arg
+    (both tiers), --prefill-arg and --decode-arg, one command-line token per flag, so that the
+    tiers can differ, e.g. in attention backend:
+
+    \b
+      kvmesh up --prefill-arg=--attention-backend --prefill-arg=sdpa \\
+                --decode-arg=--attention-backend --decode-arg=paged
+
+    Workers whose KV layouts differ (--block-size, --dtype) are not paired: the router serves
+    their requests aggregated and logs why.
+    """
     from kvmesh.up import UpConfig, run
 
     if num_decode < 1 or num_prefill < 0:
@@ -256,6 +346,11 @@ def up(
         raise click.BadParameter(f"cluster names repeat: {clusters}", param_hint="--clusters")
     if capacity < num_prefill + num_decode:
         raise click.BadParameter("--capacity must hold --prefill + --decode")
+    if autoscale and (prefill_args or decode_args):
+        raise click.BadParameter(
+            "the control plane starts autoscaled workers with --worker-arg only",
+            param_hint="--prefill-arg / --decode-arg",
+        )
     config = UpConfig(
         clusters=names,
         autoscale=autoscale,
@@ -270,6 +365,9 @@ def up(
         device=device,
         disagg_min_tokens=disagg_min_tokens,
         log_dir=log_dir,
+        extra_worker_args=list(worker_args),
+        extra_prefill_args=list(prefill_args),
+        extra_decode_args=list(decode_args),
     )
     try:
         asyncio.run(run(config))
@@ -326,6 +424,12 @@ def bench_registry(
 @click.option("--model", default="smollm2", show_default=True, help="e.g. dummy:llama-3.1-8b")
 @click.option("--device", default="cpu", show_default=True, help="cpu, or cuda: one GPU each")
 @click.option("--num-blocks", default=1024, show_default=True, help="KV blocks per worker")
+@click.option(
+    "--worker-arg",
+    "worker_args",
+    multiple=True,
+    help="one more argv token for every worker (repeatable), e.g. --worker-arg=--no-cuda-graphs",
+)
 @click.option("--json-out", type=click.Path(path_type=Path), default=None)
 def bench_mesh(
     prompt_tokens: int,
@@ -334,6 +438,7 @@ def bench_mesh(
     model: str,
     device: str,
     num_blocks: int,
+    worker_args: tuple[str, ...],
     json_out: Path | None,
 ) -> None:
     """TTFT / ITL: disaggregated vs aggregated vs calling the decode worker directly."""
@@ -347,6 +452,7 @@ def bench_mesh(
             model=model,
             device=device,
             num_blocks=num_blocks,
+            worker_args=worker_args,
         )
     )
     _emit(result, json_out)
@@ -450,26 +556,68 @@ def _shared_prefix(options: dict[str, Any]) -> Any:
 @main.command("bench-routing")
 @shared_prefix_options
 @click.option("--prefill", "num_prefill", default=3, show_default=True, help="prefill workers")
+@click.option("--decode", "num_decode", default=1, show_default=True, help="decode workers")
+@click.option(
+    "--engine",
+    default="torch",
+    show_default=True,
+    help="the workers' engine; sim: simulated GPUs, no torch, and its own defaults for the "
+    "options not given (64 groups x 8, 1024-token system prompts, 8 requests/s)",
+)
+@click.option(
+    "--engine-arg",
+    "engine_args",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="passed to every worker (repeatable); sim's defaults: gpu=H100 speed=0.05",
+)
+@click.option("--model", default=None, help="[smollm2; sim: dummy:llama-3.1-8b]")
 @click.option("--zipf", default=1.2, show_default=True, help="skewed run's exponent; 0: skip it")
 @click.option(
-    "--policies", default="cache_aware,round_robin,random", show_default=True, help="in order"
+    "--policies",
+    default=None,
+    help="in order, from cache_aware, approximate (cache-aware without KV events), "
+    "round_robin, random [cache_aware,round_robin,random; sim: cache_aware,approximate,"
+    "round_robin]",
 )
 @click.option("--robustness/--no-robustness", default=True, show_default=True)
 @click.option("--json-out", type=click.Path(path_type=Path), default=None)
-def bench_routing(json_out: Path | None, policies: str, **options: Any) -> None:
-    """Cache-aware routing vs round-robin vs random: hit rate, TTFT, balance, robustness."""
+def bench_routing(json_out: Path | None, policies: str | None, **options: Any) -> None:
+    """Cache-aware routing vs approximate, round-robin and random: hit rate, TTFT, decision
+    time, balance, robustness. `--engine sim --prefill 32 --decode 32` fits a laptop."""
     from kvmesh.bench import routing
 
-    chosen = tuple(p.strip() for p in policies.split(",") if p.strip())
+    if any("=" not in arg for arg in options["engine_args"]):
+        raise click.BadParameter("takes KEY=VALUE", param_hint="--engine-arg")
+    defaults: dict[str, Any] = {"policies": routing.DEFAULT_POLICIES}
+    if options["engine"] == "sim":  # the sim's scale, for every option left at its default
+        context = click.get_current_context()
+        defaults = dict(routing.SIM_DEFAULTS)
+        for name in ("groups", "prompts_per_group", "system_prompt_len", "question_len",
+                     "output_len", "rate"):  # fmt: skip
+            if context.get_parameter_source(name) is click.core.ParameterSource.DEFAULT:
+                options[name] = defaults[name]
+        given = dict(arg.partition("=")[::2] for arg in options["engine_args"])
+        merged = dict(arg.partition("=")[::2] for arg in defaults["engine_args"]) | given
+        options["engine_args"] = tuple(f"{key}={value}" for key, value in merged.items())
+        options["model"] = options["model"] or defaults["model"]
+        options["num_blocks"] = defaults["num_blocks"]
+    chosen = (
+        tuple(p.strip() for p in policies.split(",") if p.strip())
+        if policies is not None
+        else tuple(defaults["policies"])
+    )
     if not chosen or set(chosen) - set(routing.POLICIES):
         raise click.BadParameter(
             f"policies must come from {routing.POLICIES}", param_hint="--policies"
         )
     workload = _shared_prefix(options)
-    if options["num_prefill"] < 1 or options["zipf"] < 0:
-        raise click.BadParameter("--prefill must be at least 1 and --zipf at least 0")
+    if options["num_prefill"] < 1 or options["num_decode"] < 1 or options["zipf"] < 0:
+        raise click.BadParameter("--prefill and --decode must be at least 1, --zipf at least 0")
     bench = routing.RoutingBench(workload=workload, policies=chosen, **options)
-    _emit(asyncio.run(routing.run(bench)), json_out)
+    report = asyncio.run(routing.run(bench))
+    _emit(report, json_out)
+    click.echo(routing.render_table(report))
 
 
 @main.command("bench-sglang")

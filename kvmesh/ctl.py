@@ -43,7 +43,7 @@ from kvmesh.api.v1 import (
 # Scale and Cordon answer after a reconcile pass; DrainWorker after the drain (no deadline here:
 # the control plane's --drain-timeout-s bounds it).
 _TIMEOUT_S = 30.0
-_TIERS = {name: tiers.to_proto(name) for name in tiers.TIERS}
+_TIERS = {tier.value: tier.to_proto() for tier in tiers.Tier}
 _MODES = {"load": autoscaler_pb2.SCALING_MODE_LOAD, "sla": autoscaler_pb2.SCALING_MODE_SLA}
 # `policy set` options -> ScalingPolicy fields; an option left out keeps the current value.
 _POLICY_OPTIONS = {

@@ -1,22 +1,41 @@
-"""The two worker tiers, by name and as the proto enum `kvmesh.v1.Tier`: one mapping for all."""
+"""The two worker tiers: one `Tier` enum, its names, and the proto enum `kvmesh.v1.Tier`."""
 
 from __future__ import annotations
 
+from enum import Enum
+
 from kvmesh.api.v1 import common_pb2
 
-PREFILL = "prefill"
-DECODE = "decode"
-TIERS = (PREFILL, DECODE)
 
-_TO_PROTO: dict[str, common_pb2.Tier.ValueType] = {
-    PREFILL: common_pb2.TIER_PREFILL,
-    DECODE: common_pb2.TIER_DECODE,
+class Tier(str, Enum):
+    """A worker tier. Members are their names (`Tier.PREFILL == "prefill"`), in f-strings too."""
+
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, format_spec: str) -> str:
+        return format(self.value, format_spec)
+
+    def to_proto(self) -> common_pb2.Tier.ValueType:
+        return _TO_PROTO[self]
+
+
+PREFILL = Tier.PREFILL
+DECODE = Tier.DECODE
+TIERS = tuple(Tier)
+
+_TO_PROTO: dict[Tier, common_pb2.Tier.ValueType] = {
+    Tier.PREFILL: common_pb2.TIER_PREFILL,
+    Tier.DECODE: common_pb2.TIER_DECODE,
 }
 
 
 def to_proto(tier: str) -> common_pb2.Tier.ValueType:
-    """'prefill' / 'decode' -> the enum value; `KeyError` for any other name."""
-    return _TO_PROTO[tier]
+    """'prefill' / 'decode' (or a `Tier`) -> the enum value; `ValueError` for any other name."""
+    return Tier(tier).to_proto()
 
 
 def from_proto(value: int) -> str:

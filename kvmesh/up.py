@@ -6,6 +6,11 @@
       -> with --autoscale: the autoscaler and the control plane, whose local actuator starts
          and drains the workers instead of `up`
 
+Workers take the shared `extra_worker_args`, then their tier's (`extra_prefill_args`,
+`extra_decode_args`), so a tier's flag wins over a shared one: e.g. prefill workers on
+`--attention-backend sdpa` and decode workers on `paged`. Workers of different KV layouts
+(block size, dtype) run side by side; the router pairs only those that can share KV.
+
 Each child prints one line when it serves (`kvmesh/process.py`); `up` waits for those lines, then
 for the edge's /health to say a request can be served, prints the endpoints, and on Ctrl-C or
 SIGTERM stops the children in reverse order (SIGTERM, a grace period, then SIGKILL). Children's
@@ -27,9 +32,8 @@ import aiohttp
 import grpc
 import structlog
 
-from kvmesh import tiers
+from kvmesh import models, tiers
 from kvmesh.api.v1 import autoscaler_pb2, autoscaler_pb2_grpc
-from kvmesh.engine import loader
 from kvmesh.process import Child, start_child, stop_child, wait_ready
 
 __all__ = ["Child", "Mesh", "UpConfig", "run", "worker_devices"]
@@ -58,7 +62,9 @@ class UpConfig:
     admin_token: str | None = None  # for the autoscaler's and control plane's admin RPCs
     capacity: int = 4  # with autoscale: replicas one cluster may hold
     autoscaler_tick_s: float = 2.0
-    extra_worker_args: list[str] = field(default_factory=list)
+    extra_worker_args: list[str] = field(default_factory=list)  # every worker's, both tiers
+    extra_prefill_args: list[str] = field(default_factory=list)  # after the shared ones: win
+    extra_decode_args: list[str] = field(default_factory=list)
     extra_router_args: list[str] = field(default_factory=list)
     extra_edge_args: list[str] = field(default_factory=list)
     extra_controlplane_args: list[str] = field(default_factory=list)
@@ -87,8 +93,13 @@ class Mesh:
 
     async def start(self) -> None:
         config = self.config
+        if config.autoscale and (config.extra_prefill_args or config.extra_decode_args):
+            raise RuntimeError(
+                "per-tier worker arguments need the workers `up` starts: not with autoscale, "
+                "where the control plane starts them with the shared ones only"
+            )
         # Convert the model once here, so the workers don't all do it at the same time.
-        source = await asyncio.to_thread(loader.resolve, config.model)
+        source = await asyncio.to_thread(models.resolve, config.model)
         self.model_id = source.model_id
         py = [sys.executable, "-m"]
         clusters = config.cluster_names
@@ -248,7 +259,12 @@ class Mesh:
     def _worker_argv(self, tier: str, cluster: str | None, device: str) -> list[str]:
         registry = self.registries[cluster] if cluster else self.registry_address
         return [sys.executable, "-m", f"services.{tier}", "--registry", registry,
-                "--model", self.config.model, *self._worker_args, "--device", device]  # fmt: skip
+                "--model", self.config.model, *self._worker_args, "--device", device,
+                *self._tier_args(tier)]  # fmt: skip
+
+    def _tier_args(self, tier: str) -> list[str]:
+        config = self.config
+        return {"prefill": config.extra_prefill_args, "decode": config.extra_decode_args}[tier]
 
     def _router_argv(self, args: list[str], cluster: str | None = None) -> list[str]:
         config = self.config

@@ -1,17 +1,19 @@
-"""Drive an EngineCore synchronously in tests."""
+"""Drive an TorchCore synchronously in tests."""
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 
-from kvmesh.engine import EngineCore, GenerateRequest, SamplingParams, TokenOutput
 from kvmesh.engine.core import StepOutput
+from kvmesh.engine.torch_engine import TorchCore
+from kvmesh.sampling import SamplingParams
+from kvmesh.types import GenerateRequest, TokenOutput
 
 GREEDY = SamplingParams(max_tokens=32, temperature=0.0)
 
 
-def run_until_idle(core: EngineCore, max_steps: int = 100_000) -> list[StepOutput]:
+def run_until_idle(core: TorchCore, max_steps: int = 100_000) -> list[StepOutput]:
     outputs: list[StepOutput] = []
     for _ in range(max_steps):
         if not core.has_work:
@@ -29,7 +31,7 @@ def tokens_by_request(outputs: Iterable[StepOutput]) -> dict[str, list[int]]:
 
 
 def generate(
-    core: EngineCore,
+    core: TorchCore,
     prompts: Sequence[Sequence[int]],
     params: SamplingParams = GREEDY,
     *,
@@ -44,6 +46,6 @@ def generate(
 
 
 def generate_one_at_a_time(
-    core: EngineCore, prompts: Sequence[Sequence[int]], params: SamplingParams = GREEDY
+    core: TorchCore, prompts: Sequence[Sequence[int]], params: SamplingParams = GREEDY
 ) -> list[list[int]]:
     return [generate(core, [p], params, prefix=f"solo{i}")[0] for i, p in enumerate(prompts)]

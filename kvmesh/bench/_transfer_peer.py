@@ -23,7 +23,9 @@ from typing import Any
 import click
 import torch
 
-from kvmesh.kv import KvLayout, KvRegion, KvTransferAgent, PagedKvCache
+from kvmesh.kv.cache import KvLayout, PagedKvCache
+from kvmesh.kv.transfer.agent import KvTransferAgent
+from kvmesh.kv.transfer.types import KvRegion
 from kvmesh.telemetry import configure_logging
 
 BLOCK_SIZE = 16

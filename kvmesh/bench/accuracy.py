@@ -21,7 +21,9 @@ from kvmesh.bench.reference import (
     transformers_greedy,
     transformers_model,
 )
-from kvmesh.engine import EngineCore, GenerateRequest, SamplingParams, TokenOutput
+from kvmesh.engine.torch_engine import TorchCore
+from kvmesh.sampling import SamplingParams
+from kvmesh.types import GenerateRequest, TokenOutput
 
 
 @dataclass(slots=True)
@@ -47,7 +49,7 @@ class AccuracyReport:
 
 
 def engine_greedy(
-    core: EngineCore, prompt: list[int], max_tokens: int, request_id: str
+    core: TorchCore, prompt: list[int], max_tokens: int, request_id: str
 ) -> list[int]:
     core.add(GenerateRequest(request_id, tuple(prompt), SamplingParams(max_tokens, 0.0)))
     tokens: list[int] = []
@@ -59,7 +61,7 @@ def engine_greedy(
 
 
 def check_accuracy(
-    core: EngineCore,
+    core: TorchCore,
     prompts: list[list[int]],
     *,
     greedy_tokens: int = 32,
@@ -78,7 +80,8 @@ def check_accuracy(
         else:
             mismatched.append(i)
         sequence = prompt + theirs[:-1] if len(theirs) > 1 else prompt
-        ours_logits = engine_logits(core, sequence)[len(prompt) - 1 :]
+        # The continuation runs as a second step over the cached prompt: the prefix-hit path.
+        ours_logits = engine_logits(core, sequence, split=len(prompt))[len(prompt) - 1 :]
         theirs_logits = reference_logits(core, sequence, model)[len(prompt) - 1 :]
         diff = (ours_logits - theirs_logits).abs()
         first_step = max(first_step, diff[0].max().item())

@@ -126,13 +126,15 @@ async def run(
     model: str = "smollm2",
     device: str = "cpu",
     num_blocks: int = 1024,
+    worker_args: tuple[str, ...] = (),
     seed: int = 0,
 ) -> dict[str, Any]:
     rng = random.Random(seed)
     log_dir = Path(tempfile.mkdtemp(prefix="kvmesh-bench-"))
     config = UpConfig(
         model=model, registry_port=0, router_port=0, edge_port=0, disagg_min_tokens=0,
-        device=device, log_dir=log_dir, extra_worker_args=["--num-blocks", str(num_blocks)],
+        device=device, log_dir=log_dir,
+        extra_worker_args=["--num-blocks", str(num_blocks), *worker_args],
     )  # fmt: skip
     mesh = Mesh(config)
     try:

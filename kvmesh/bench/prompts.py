@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from kvmesh.engine import EngineCore
+from kvmesh.engine.torch_engine import TorchCore
 
 CHAT_PROMPTS: tuple[str, ...] = (
     "What is the capital of France?",
@@ -30,7 +30,7 @@ CHAT_PROMPTS: tuple[str, ...] = (
 )
 
 
-def chat_prompt_ids(core: EngineCore, count: int) -> list[list[int]]:
+def chat_prompt_ids(core: TorchCore, count: int) -> list[list[int]]:
     """`count` chat prompts through the model's template; seeded random token ids (40 each)
     for a model without a tokenizer (dummy weights)."""
     tokenizer = core.tokenizer

@@ -36,7 +36,9 @@ from kvmesh.bench._transfer_peer import (
     layout_for,
     region_from_json,
 )
-from kvmesh.kv import KvRegion, KvTransferAgent, PagedKvCache
+from kvmesh.kv.cache import PagedKvCache
+from kvmesh.kv.transfer.agent import KvTransferAgent
+from kvmesh.kv.transfer.types import KvRegion
 from kvmesh.telemetry import configure_logging
 
 _PEER_START_TIMEOUT_S = 120.0

@@ -1,55 +1,17 @@
-"""The engine: a model over a paged KV cache, behind the `Engine` protocol services use."""
+"""The engine layer: the `Engine` protocol the worker runtime programs against, the registry
+that finds engines by name, and the settings they share. Torch-free: importing it loads no
+engine; `create_engine` loads the one a config names.
 
-from kvmesh.engine.config import EngineConfig, ModelConfig
-from kvmesh.engine.core import EngineCore
-from kvmesh.engine.errors import (
-    EngineError,
-    EngineOverloadedError,
-    EngineStoppedError,
-    InvalidRequestError,
-    ModelLoadError,
-    ModelNotFoundError,
-    UnknownRequestError,
-)
+    protocol.Engine        the boundary (start/stop, requests, KV export/import, events, info)
+    registry               built-in engines (`torch`, `sim`) and plug-ins (`kvmesh.engines`)
+    core.EngineCore        scheduling, blocks, prefix cache, exports, events (torch-free)
+    driver.AsyncEngine     a core on its own thread behind the async API
+    torch_engine           the torch engine: model, attention backends, kernels, CUDA graphs
+    sim                    the simulated engine: real bookkeeping, a GPU's timing, no tensors
+"""
+
+from kvmesh.engine.config import EngineConfig
 from kvmesh.engine.protocol import Engine
-from kvmesh.engine.sampling import SamplingParams, TokenLogprob
-from kvmesh.engine.torch_engine import TorchEngine
-from kvmesh.engine.types import (
-    EngineInfo,
-    EngineStats,
-    FinishReason,
-    GenerateRequest,
-    KvExport,
-    KvImportPlan,
-    LoadSnapshot,
-    PrefillOutput,
-    TokenOutput,
-    TransferMode,
-)
+from kvmesh.engine.registry import create_engine, engine_factory, engine_names
 
-__all__ = [
-    "Engine",
-    "EngineConfig",
-    "EngineCore",
-    "EngineError",
-    "EngineInfo",
-    "EngineOverloadedError",
-    "EngineStats",
-    "EngineStoppedError",
-    "FinishReason",
-    "GenerateRequest",
-    "InvalidRequestError",
-    "KvExport",
-    "KvImportPlan",
-    "LoadSnapshot",
-    "ModelConfig",
-    "ModelLoadError",
-    "ModelNotFoundError",
-    "PrefillOutput",
-    "SamplingParams",
-    "TokenLogprob",
-    "TokenOutput",
-    "TorchEngine",
-    "TransferMode",
-    "UnknownRequestError",
-]
+__all__ = ["Engine", "EngineConfig", "create_engine", "engine_factory", "engine_names"]

@@ -1,30 +1,35 @@
-"""The engine core: synchronous, single-threaded, deterministic given its inputs.
+"""The engine core: synchronous, single-threaded, deterministic given its inputs; torch-free.
 
-It owns the model, the KV cache, the block pool and the scheduler; `step()` runs one forward
-pass of the running batch and returns what each request produced. `TorchEngine` drives it from
-a thread and adds the async API; tests drive it directly.
+It owns the block pool, the prefix cache, the scheduler, exports and import reservations, and
+KV events; `step()` has its executor (`kvmesh.engine.executor`) run one step of the batch and
+returns what each request produced. The torch engine's executor runs the model
+(`TorchCore` in `kvmesh.engine.torch_engine`); the simulated engine's only takes the time a GPU
+would (`kvmesh.engine.sim`). `AsyncEngine` drives a core from a thread and adds the async API;
+tests drive it directly.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
+from dataclasses import replace
 
 import structlog
-import torch
 
-from kvmesh.engine import loader
 from kvmesh.engine.config import EngineConfig
-from kvmesh.engine.errors import (
-    EngineOverloadedError,
-    InvalidRequestError,
-    UnknownRequestError,
-)
-from kvmesh.engine.model import LlamaModel
-from kvmesh.engine.runner import ModelRunner, Sampled
-from kvmesh.engine.sampling import SamplerRow, SamplingParams, TokenLogprob, make_generator
+from kvmesh.engine.executor import ModelExecutor, Sampled
 from kvmesh.engine.scheduler import Scheduler
 from kvmesh.engine.sequence import SeqKind, Sequence
-from kvmesh.engine.types import (
+from kvmesh.errors import InvalidRequestError, OverloadedError, UnknownRequestError
+from kvmesh.kv.block_pool import BlockId, BlockPool
+from kvmesh.kv.errors import LayoutMismatchError
+from kvmesh.kv.events import KvEventLog
+from kvmesh.kv.hashing import root_hash
+from kvmesh.kv.layout import compatible
+from kvmesh.sampling import SamplingParams, TokenLogprob
+from kvmesh.text.detokenizer import IncrementalDetokenizer
+from kvmesh.text.tokenizer import Tokenizer
+from kvmesh.types import (
     EngineInfo,
     EngineStats,
     FinishReason,
@@ -36,69 +41,43 @@ from kvmesh.engine.types import (
     TokenOutput,
     TransferMode,
 )
-from kvmesh.engine.validation import validate_request
-from kvmesh.kv.block_pool import BlockId, BlockPool
-from kvmesh.kv.cache import KvLayout, PagedKvCache
-from kvmesh.kv.events import KvEventLog
-from kvmesh.kv.hashing import root_hash
-from kvmesh.text.detokenizer import IncrementalDetokenizer
+from kvmesh.validation import validate_request
 
 log = structlog.get_logger(__name__)
-
-_CPU_KV_CACHE_BYTES = 1 << 30
-_GPU_ACTIVATION_RESERVE = 2 << 30
 
 StepOutput = TokenOutput | PrefillOutput
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, *, show_progress: bool = True) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        *,
+        executor: ModelExecutor,
+        info: EngineInfo,
+        tokenizer: Tokenizer | None,
+        eos_token_ids: Iterable[int],
+    ) -> None:
         config.validate()
         self.config = config
-        device = config.resolve_device()
-        dtype = config.resolve_dtype(device)
-        loaded = loader.load(config.model, device=device, dtype=dtype, seed=config.seed)
-        self.model_config = loaded.config
-        self.tokenizer = loaded.tokenizer
-        self.model = LlamaModel(
-            loaded.config, loaded.weights, device=device, dtype=dtype, show_progress=show_progress
-        )
-        mc = loaded.config
-        layout = KvLayout(mc.num_layers, mc.num_kv_heads, mc.head_dim, config.block_size, dtype)
-        num_blocks = _size_pool(config, layout, device)
-        self.kv_cache = PagedKvCache(layout, num_blocks, device)
-        self.pool = BlockPool(num_blocks, enable_prefix_cache=config.enable_prefix_cache)
-        self.block_size = config.block_size
-        self.max_model_len = min(
-            mc.max_position_embeddings,
-            config.max_model_len or mc.max_position_embeddings,
-            num_blocks * config.block_size,
-        )
-        model_id = config.model_id or loaded.model_id
-        self.root_hash = root_hash(model_id)
+        self.executor = executor
+        self.info = info
+        self.tokenizer = tokenizer
+        self.pool = BlockPool(info.num_blocks, enable_prefix_cache=config.enable_prefix_cache)
+        self.block_size = info.block_size
+        self.max_model_len = info.max_model_len
+        self.root_hash = root_hash(info.model_id)
         self.scheduler = Scheduler(
             self.pool,
-            block_size=config.block_size,
+            block_size=info.block_size,
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             root_hash=self.root_hash,
         )
-        self.runner = ModelRunner(self.model, self.kv_cache)
-        eos = set(mc.eos_token_ids)
-        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            eos.add(self.tokenizer.eos_token_id)
+        eos = set(eos_token_ids)
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            eos.add(tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
-        self.info = EngineInfo(
-            model_id=model_id,
-            block_size=config.block_size,
-            num_blocks=num_blocks,
-            layout_fingerprint=layout.fingerprint(),
-            max_model_len=self.max_model_len,
-            vocab_size=mc.vocab_size,
-            device=str(device),
-            dtype=str(dtype).removeprefix("torch."),
-            transfer_mode=TransferMode.MESH,
-        )
         self.stats = EngineStats()
         self.kv_events = KvEventLog()
         self._requests: dict[str, Sequence] = {}  # waiting or running
@@ -107,12 +86,14 @@ class EngineCore:
         self._last_step_seconds = 0.0
         log.info(
             "engine ready",
-            model=model_id,
-            device=self.info.device,
-            dtype=self.info.dtype,
-            kv_blocks=num_blocks,
-            block_size=config.block_size,
-            max_model_len=self.max_model_len,
+            engine=info.engine,
+            model=info.model_id,
+            device=info.device,
+            dtype=info.dtype,
+            attention_backend=info.attention_backend,
+            kv_blocks=info.num_blocks,
+            block_size=info.block_size,
+            max_model_len=info.max_model_len,
         )
 
     # -- requests ------------------------------------------------------------------------------
@@ -122,7 +103,7 @@ class EngineCore:
         validate_request(
             request.prompt_token_ids,
             request.sampling,
-            vocab_size=self.model_config.vocab_size,
+            vocab_size=self.info.vocab_size,
             max_model_len=self.max_model_len,
             has_tokenizer=self.tokenizer is not None,
         )
@@ -175,7 +156,7 @@ class EngineCore:
         needed = len(export.block_ids) - len(hits)
         reclaimed = sum(1 for b in hits if self.pool.ref_count(b) == 0)
         if needed > self.pool.num_free_blocks - reclaimed:
-            raise EngineOverloadedError(
+            raise OverloadedError(
                 f"no room to import {needed} KV blocks ({self.pool.num_free_blocks} free)"
             )
         self.pool.acquire(hits)
@@ -202,7 +183,7 @@ class EngineCore:
         seq = self._imports.pop(request_id, None)
         if seq is None:
             raise UnknownRequestError(f"no import reserved for request {request_id!r}")
-        if not 0 <= first_token_id < self.model_config.vocab_size:
+        if not 0 <= first_token_id < self.info.vocab_size:
             self.pool.release(seq.block_ids)
             raise InvalidRequestError(f"first token id {first_token_id} is outside the vocabulary")
         cached_tokens = seq.num_registered_blocks * self.block_size
@@ -236,7 +217,7 @@ class EngineCore:
         self.stats.num_prefix_hit_tokens += plan.num_prefix_hit_tokens
         outputs: list[StepOutput] = []
         if plan.chunks:
-            sampled = self.runner.run(plan.chunks)
+            sampled = self.executor.execute(plan.chunks)
             for chunk in plan.chunks:
                 chunk.seq.num_computed_tokens += chunk.num_tokens
                 self.stats.num_computed_tokens += chunk.num_tokens
@@ -258,6 +239,7 @@ class EngineCore:
     def warm_up(self) -> None:
         """Run one throwaway request so the first real one does not pay one-time costs
         (kernel selection, allocator growth). Leaves no trace in the cache, events or stats."""
+        self.executor.warm_up()
         caching, self.pool.enable_prefix_cache = self.pool.enable_prefix_cache, False
         try:
             prompt = tuple(range(1, min(2 * self.block_size, self.max_model_len - 2) + 1))
@@ -305,14 +287,17 @@ class EngineCore:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
 
     def _check_export(self, request: GenerateRequest, export: KvExport) -> None:
+        ours = self.info.layout_fingerprint
+        difference = compatible(export.layout_fingerprint, ours)
+        if difference is None and export.block_size != self.block_size:
+            difference = f"block size {export.block_size} vs {self.block_size}"
+        if difference is not None:
+            raise LayoutMismatchError(
+                f"cannot import KV: layout {export.layout_fingerprint} is not readable here "
+                f"({ours}): {difference}"
+            )
         n = len(request.prompt_token_ids)
         problems = []
-        if export.layout_fingerprint != self.info.layout_fingerprint:
-            problems.append(
-                f"KV layout {export.layout_fingerprint} differs from {self.info.layout_fingerprint}"
-            )
-        if export.block_size != self.block_size:
-            problems.append(f"block size {export.block_size} differs from {self.block_size}")
         if export.num_tokens != n:
             problems.append(f"export holds {export.num_tokens} tokens, the prompt has {n}")
         if len(export.block_ids) != -(-n // self.block_size):
@@ -330,7 +315,7 @@ class EngineCore:
             token_ids=list(request.prompt_token_ids),
             num_prompt_tokens=len(request.prompt_token_ids),
             sampling=params,
-            sampler=SamplerRow(params, make_generator(params, self.model.device)),
+            sampler=self.executor.make_sampler(params),
             kind=kind,
             detokenizer=detokenizer,
         )
@@ -384,6 +369,8 @@ class EngineCore:
             block_size=self.block_size,
             layout_fingerprint=self.info.layout_fingerprint,
         )
+        if self.info.transfer_mode is TransferMode.ENGINE:
+            export = replace(export, opaque=self.executor.export_state(export))
         self._finish(seq)
         return PrefillOutput(first, export)
 
@@ -415,21 +402,3 @@ class EngineCore:
         events = self.pool.take_events()
         if events:
             self.kv_events.extend(events)
-
-
-def _size_pool(config: EngineConfig, layout: KvLayout, device: torch.device) -> int:
-    if config.num_blocks is not None:
-        return config.num_blocks
-    if config.kv_cache_bytes is not None:
-        budget = config.kv_cache_bytes
-    elif device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = int(free * config.gpu_memory_fraction) - _GPU_ACTIVATION_RESERVE
-    else:
-        budget = _CPU_KV_CACHE_BYTES
-    num_blocks = budget // layout.bytes_per_block
-    if num_blocks < 1:
-        raise InvalidRequestError(
-            f"no memory left for the KV cache ({budget} bytes, {layout.bytes_per_block} per block)"
-        )
-    return int(num_blocks)

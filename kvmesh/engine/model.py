@@ -2,8 +2,10 @@
 
 The forward pass takes a flat batch: the scheduled tokens of every sequence concatenated, each
 with its position and the cache slot its K/V goes to. Attention reads each sequence's context
-through its block table. Weights are plain tensors (q/k/v and gate/up fused) driven by
-functional ops; there is no nn.Module tree to walk on the hot path.
+through its block table, by the worker's attention backend (`kvmesh.engine.attention`); the
+operations around it come from `kvmesh.engine.ops` (plain PyTorch, or fused Triton kernels with
+the triton backend). Weights are plain tensors (q/k/v and gate/up fused) driven by functional
+ops; there is no nn.Module tree to walk on the hot path.
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from kvmesh.engine.attention import AttentionMetadata, paged_attention
-from kvmesh.engine.config import ModelConfig
+from kvmesh.engine.attention import AttentionBackend
+from kvmesh.engine.attention.common import AttentionMetadata
 from kvmesh.engine.loader import WeightSource
+from kvmesh.engine.ops import ModelOps, TorchOps, TritonOps
+from kvmesh.errors import ModelLoadError
 from kvmesh.kv.cache import PagedKvCache
+from kvmesh.models import ModelConfig
 
 
 @dataclass(slots=True)
@@ -69,6 +74,9 @@ class LlamaModel:
         *,
         device: torch.device,
         dtype: torch.dtype,
+        attention: AttentionBackend,
+        block_size: int,
+        max_positions: int | None = None,
         show_progress: bool = True,
     ) -> None:
         self.config = config
@@ -100,10 +108,22 @@ class LlamaModel:
             )
         self.norm = get("model.norm.weight")
         self.lm_head = self.embed if config.tie_word_embeddings else get("lm_head.weight")
-        self._inv_freq, self._rope_scale = _rope_frequencies(config, device)
         self.q_size = config.num_heads * config.head_dim
-        self.kv_size = config.num_kv_heads * config.head_dim
         self.scale = config.head_dim**-0.5
+        self.attention = attention
+        inv_freq, rope_scale = _rope_frequencies(config, device)
+        heads = {
+            "num_heads": config.num_heads,
+            "num_kv_heads": config.num_kv_heads,
+            "head_dim": config.head_dim,
+        }
+        self.ops: ModelOps = (
+            TritonOps(
+                inv_freq, rope_scale, max_positions or config.max_position_embeddings, **heads
+            )
+            if attention.fused_ops
+            else TorchOps(inv_freq, rope_scale, dtype, block_size=block_size, **heads)
+        )
 
     @property
     def weight_bytes(self) -> int:
@@ -124,56 +144,27 @@ class LlamaModel:
         positions: torch.Tensor,
         attn: AttentionMetadata,
         kv_cache: PagedKvCache,
-        logits_indices: torch.Tensor,
+        logits_indices: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Logits (float32) for the tokens at `logits_indices` of the flat batch."""
-        cfg = self.config
+        """Logits (float32) for the tokens at `logits_indices` of the flat batch (None: all)."""
+        cfg, ops = self.config, self.ops
         num_tokens = input_ids.shape[0]
-        cos, sin = self._rope(positions)
+        step = ops.prepare(positions, attn)
         hidden = F.embedding(input_ids, self.embed)
+        residual: torch.Tensor | None = None
         for n, layer in enumerate(self.layers):
-            residual = hidden
-            x = _rms_norm(hidden, layer.input_norm, cfg.rms_norm_eps)
+            x, residual = ops.add_rms_norm(hidden, residual, layer.input_norm, cfg.rms_norm_eps)
             qkv = F.linear(x, layer.qkv, layer.qkv_bias)
-            # q and k are adjacent in the fused projection: rotate them in one go.
-            qk = _apply_rope(
-                qkv[:, : self.q_size + self.kv_size].view(num_tokens, -1, cfg.head_dim), cos, sin
-            )
-            q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads :]
-            v = qkv[:, self.q_size + self.kv_size :].view(
-                num_tokens, cfg.num_kv_heads, cfg.head_dim
-            )
-            out = paged_attention(q, k, v, kv_cache.layers[n], attn, self.scale)
-            hidden = residual + F.linear(out.reshape(num_tokens, self.q_size), layer.o)
-            residual = hidden
-            x = _rms_norm(hidden, layer.post_norm, cfg.rms_norm_eps)
-            gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
-            hidden = residual + F.linear(F.silu(gate) * up, layer.down)
-        last = _rms_norm(hidden[logits_indices], self.norm, cfg.rms_norm_eps)
+            q, k, v = ops.rope_and_store(qkv, step, kv_cache.layers[n])
+            out = self.attention.attend(q, k, v, kv_cache.layers[n], attn, self.scale)
+            hidden = F.linear(out.reshape(num_tokens, self.q_size), layer.o)
+            x, residual = ops.add_rms_norm(hidden, residual, layer.post_norm, cfg.rms_norm_eps)
+            hidden = F.linear(ops.silu_and_mul(F.linear(x, layer.gate_up)), layer.down)
+        assert residual is not None
+        if logits_indices is not None:
+            hidden, residual = hidden[logits_indices], residual[logits_indices]
+        last, _ = ops.add_rms_norm(hidden, residual, self.norm, cfg.rms_norm_eps)
         return F.linear(last, self.lm_head).float()
-
-    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # Computed in float32 and cast, as transformers does, so logits agree closely.
-        freqs = positions[:, None].float() * self._inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = (emb.cos() * self._rope_scale).to(self.dtype)
-        sin = (emb.sin() * self._rope_scale).to(self.dtype)
-        # rotate_half(x) * sin == roll(x, half) * [-sin_lo, sin_hi]: one op fewer per layer.
-        sin = torch.cat((-sin[:, : sin.shape[1] // 2], sin[:, sin.shape[1] // 2 :]), dim=-1)
-        return cos[:, None, :], sin[:, None, :]
-
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if x.dtype == torch.float32:
-        return F.rms_norm(x, weight.shape, weight, eps)
-    # Normalise in float32 and scale after casting back, as transformers does.
-    normed = F.rms_norm(x.float(), weight.shape, None, eps)
-    return weight * normed.to(x.dtype)
-
-
-def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding in the half-split layout; `sin` carries the rotation's signs."""
-    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 def _rope_frequencies(config: ModelConfig, device: torch.device) -> tuple[torch.Tensor, float]:
@@ -188,8 +179,6 @@ def _rope_frequencies(config: ModelConfig, device: torch.device) -> tuple[torch.
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     if rope_type not in ROPE_INIT_FUNCTIONS:
-        from kvmesh.engine.errors import ModelLoadError
-
         raise ModelLoadError(f"unsupported RoPE type {rope_type!r}")
     inv_freq, scale = ROPE_INIT_FUNCTIONS[rope_type](config.hf_config, device)
     return inv_freq.float().to(device), float(scale)

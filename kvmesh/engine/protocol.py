@@ -1,23 +1,34 @@
-"""The engine boundary the services program against.
+"""The engine boundary: everything the worker runtime and its services use, and nothing more.
 
-Two ways KV can move between a prefill and a decode engine:
+An engine is started and stopped; it serves requests (`generate`), prefills for export
+(`prefill`, `release_export`), decodes imported KV (`reserve_import`, `generate_imported`),
+aborts, reports load and stats, publishes KV events and snapshots of its prefix cache, and says
+what it is and can do (`info`: transfer mode, block size, KV dtype, attention backend, layout).
+
+Two ways KV can move between a prefill and a decode engine (`info.transfer_mode`):
 
 - `TransferMode.MESH` (the torch engine): `prefill` pins blocks and returns their ids in a
-  `KvExport`; the decode side's `reserve_import` allocates local blocks, kvmesh's transfer agent
-  copies the missing ones (NIXL READ), then `generate_imported` decodes.
-- `TransferMode.ENGINE` (e.g. TensorRT-LLM's cache transceiver): the export's `opaque` bytes
-  carry the engine's own state; `reserve_import` hands them to the engine, which moves the KV
-  itself and returns a plan with nothing left to fill.
+  `KvExport`; `kv_region()` is the memory kvmesh's NIXL agent registers; the decode side's
+  `reserve_import` allocates local blocks, the agent READs the missing ones, then
+  `generate_imported` decodes.
+- `TransferMode.ENGINE` (the sim engine; TensorRT-LLM's cache transceiver): the export's
+  `opaque` bytes carry the engine's own state, which the router passes along in the handle;
+  `reserve_import` hands them to the engine, which moves the KV itself and returns a plan with
+  nothing left to fill. `kv_region()` is None: no NIXL agent is made.
 
-Either way the service calls the same three methods in the same order.
+Either way the services call the same methods in the same order. Engines are found by name in
+`kvmesh.engine.registry`.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from kvmesh.engine.types import (
+from kvmesh.kv.events import KvEventLog
+from kvmesh.kv.hashing import BlockHash
+from kvmesh.text.tokenizer import Tokenizer
+from kvmesh.types import (
     EngineInfo,
     EngineStats,
     GenerateRequest,
@@ -27,19 +38,35 @@ from kvmesh.engine.types import (
     PrefillOutput,
     TokenOutput,
 )
-from kvmesh.kv.events import KvEventLog
-from kvmesh.text.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from kvmesh.kv.cache import PagedKvCache
 
 
 class Engine(Protocol):
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start serving; returns once warmed up (weights loaded, kernels compiled, graphs)."""
+        ...
+
+    async def stop(self) -> None:
+        """Stop; every open stream ends with StoppedError."""
+        ...
+
+    # -- what it is ----------------------------------------------------------------------------
+
     @property
     def info(self) -> EngineInfo: ...
 
     @property
     def tokenizer(self) -> Tokenizer | None: ...
 
-    @property
-    def kv_events(self) -> KvEventLog: ...
+    def kv_region(self) -> PagedKvCache | None:
+        """The KV memory NIXL registers (TransferMode.MESH); None when the engine moves its own."""
+        ...
+
+    # -- requests ------------------------------------------------------------------------------
 
     def generate(self, request: GenerateRequest) -> AsyncIterator[TokenOutput]:
         """Prefill and decode here, streaming outputs until one is finished.
@@ -58,7 +85,9 @@ class Engine(Protocol):
         ...
 
     async def reserve_import(self, request: GenerateRequest, export: KvExport) -> KvImportPlan:
-        """Reserve local blocks for an exported prompt; say which must be filled."""
+        """Reserve local blocks for an exported prompt; say which must be filled.
+
+        TransferMode.ENGINE: also move the KV (from `export.opaque`) before returning."""
         ...
 
     def generate_imported(
@@ -74,6 +103,21 @@ class Engine(Protocol):
         """Cancel a request, export or import reservation; a no-op for unknown ids."""
         ...
 
+    # -- state ---------------------------------------------------------------------------------
+
     def load(self) -> LoadSnapshot: ...
 
     def stats(self) -> EngineStats: ...
+
+    @property
+    def kv_events(self) -> KvEventLog:
+        """BlockStored / BlockRemoved / AllCleared, in order, for routers' prefix indexes."""
+        ...
+
+    async def kv_snapshot(self) -> tuple[list[BlockHash], int]:
+        """The prefix cache's hashes and the id of the last event they include."""
+        ...
+
+    async def is_idle_and_whole(self) -> bool:
+        """Nothing in flight or pinned and every KV block free (for tests and drains)."""
+        ...

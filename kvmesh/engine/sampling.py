@@ -1,9 +1,7 @@
-"""Sampling parameters, their validation, and the sampler.
-
-Greedy when temperature is 0; otherwise temperature, then top-k, then top-p, then a draw from
-the request's own generator (seeded per request, so a seed reproduces its tokens whatever else
-shares the batch). Logprobs are those of the model's distribution before temperature and
-truncation, as OpenAI's API reports them.
+"""The sampler: greedy when temperature is 0; otherwise temperature, then top-k, then top-p,
+then a draw from the request's own generator (seeded per request, so a seed reproduces its
+tokens whatever else shares the batch). Logprobs are those of the model's distribution before
+temperature and truncation, as OpenAI's API reports them.
 """
 
 from __future__ import annotations
@@ -13,56 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvmesh.engine.errors import InvalidRequestError
-
-MAX_TOP_LOGPROBS = 20
-
-
-@dataclass(frozen=True, slots=True)
-class SamplingParams:
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0: no limit
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-    logprobs: bool = False  # the chosen token's logprob
-    top_logprobs: int = 0  # and the n most likely tokens'
-
-    @property
-    def is_greedy(self) -> bool:
-        return self.temperature == 0.0
-
-    def validate(self, *, vocab_size: int) -> None:
-        """Checks that need no prompt; the engine adds context-length checks."""
-        if self.max_tokens < 1:
-            raise InvalidRequestError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if not self.temperature >= 0.0:  # also rejects NaN
-            raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise InvalidRequestError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
-        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
-            raise InvalidRequestError(
-                f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}"
-            )
-        if any(not s for s in self.stop):
-            raise InvalidRequestError("stop strings must not be empty")
-        bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
-        if bad:
-            raise InvalidRequestError(
-                f"stop_token_ids outside the vocabulary [0, {vocab_size}): {bad}"
-            )
-
-
-@dataclass(frozen=True, slots=True)
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
+from kvmesh.sampling import SamplingParams, TokenLogprob
 
 
 @dataclass(slots=True)
@@ -85,6 +34,9 @@ def sample(
     logits: torch.Tensor, rows: Sequence[SamplerRow]
 ) -> tuple[list[int], list[TokenLogprob | None]]:
     """Choose one token per row of `logits` ([B, vocab], float32)."""
+    if all(r.params.is_greedy and not _wants_logprobs(r) for r in rows):
+        # The common case, kept to one kernel and one copy to the host: it is on every step.
+        return logits.argmax(dim=-1).tolist(), [None] * len(rows)
     tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
     greedy = [i for i, r in enumerate(rows) if r.params.is_greedy]
     if greedy:
@@ -117,7 +69,7 @@ def _draw(logits: torch.Tensor, row: SamplerRow) -> torch.Tensor:
 def _logprobs(
     logits: torch.Tensor, tokens: list[int], rows: Sequence[SamplerRow]
 ) -> list[TokenLogprob | None]:
-    wanted = [i for i, r in enumerate(rows) if r.params.logprobs or r.params.top_logprobs]
+    wanted = [i for i, r in enumerate(rows) if _wants_logprobs(r)]
     result: list[TokenLogprob | None] = [None] * len(rows)
     if not wanted:
         return result
@@ -130,3 +82,7 @@ def _logprobs(
             top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
         result[i] = TokenLogprob(tokens[i], float(logp[row_index, tokens[i]]), top)
     return result
+
+
+def _wants_logprobs(row: SamplerRow) -> bool:
+    return row.params.logprobs or row.params.top_logprobs > 0

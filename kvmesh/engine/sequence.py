@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
-from kvmesh.engine.sampling import SamplerRow, SamplingParams
-from kvmesh.engine.types import FinishReason
 from kvmesh.kv.block_pool import BlockId
 from kvmesh.kv.hashing import BlockHash, hash_blocks
+from kvmesh.sampling import SamplingParams
 from kvmesh.text.detokenizer import IncrementalDetokenizer
+from kvmesh.types import FinishReason
 
 
 class SeqKind(str, Enum):
@@ -30,7 +31,7 @@ class Sequence:
     token_ids: list[int]
     num_prompt_tokens: int
     sampling: SamplingParams
-    sampler: SamplerRow
+    sampler: Any  # the executor's per-request sampling state
     kind: SeqKind = SeqKind.GENERATE
     detokenizer: IncrementalDetokenizer | None = None
     state: SeqState = SeqState.WAITING

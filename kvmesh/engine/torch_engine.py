@@ -1,322 +1,141 @@
-"""The torch engine's async API: an `EngineCore` stepped by a thread of its own.
+"""The torch engine: kvmesh's own Llama-family forward over a paged KV cache in PyTorch.
 
-Everything that touches the core runs on that thread, in order: the asyncio side posts commands
-to it and gets results back through futures, and each step's outputs are handed to the event
-loop in one callback. PyTorch releases the GIL inside its kernels, so the event loop stays
-responsive while a step runs.
+`TorchCore` is an `EngineCore` whose executor is the model runner: it loads the weights, sizes
+and allocates the KV pool, and picks the attention backend. `TorchEngine` is the async engine
+over it (registry name `torch`), the one that exposes its KV to NIXL (TransferMode.MESH).
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
-import contextlib
-import queue
-import threading
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from dataclasses import replace
-from typing import TYPE_CHECKING, Any, TypeVar
+import torch
 
-import structlog
-
+from kvmesh.engine import loader
+from kvmesh.engine.attention import resolve_backend
 from kvmesh.engine.config import EngineConfig
-from kvmesh.engine.core import EngineCore, StepOutput
-from kvmesh.engine.errors import EngineError, EngineStoppedError, InvalidRequestError
-from kvmesh.engine.types import (
-    EngineInfo,
-    EngineStats,
-    GenerateRequest,
-    KvExport,
-    KvImportPlan,
-    LoadSnapshot,
-    PrefillOutput,
-    TokenOutput,
-)
-from kvmesh.kv.cache import PagedKvCache
-from kvmesh.kv.events import KvEventLog
-from kvmesh.kv.hashing import BlockHash
-from kvmesh.text.tokenizer import Tokenizer
+from kvmesh.engine.core import EngineCore
+from kvmesh.engine.driver import AsyncEngine
+from kvmesh.engine.model import LlamaModel
+from kvmesh.engine.runner import ModelRunner
+from kvmesh.errors import InvalidRequestError
+from kvmesh.kv.cache import KvLayout, PagedKvCache, dtype_name
+from kvmesh.models import ModelConfig
+from kvmesh.types import EngineInfo, TransferMode
 
-log = structlog.get_logger(__name__)
-
-T = TypeVar("T")
-_StreamItem = StepOutput | BaseException
+_CPU_KV_CACHE_BYTES = 1 << 30
+_GPU_ACTIVATION_RESERVE = 2 << 30
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class TorchEngine:
-    """The reference engine (see `kvmesh.engine.protocol.Engine`)."""
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidRequestError(f"device {name!r} asked for, but CUDA is not available")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise InvalidRequestError(f"dtype must be one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+class TorchCore(EngineCore):
+    """An `EngineCore` running the model: weights, KV pool and runner built here."""
+
+    def __init__(self, config: EngineConfig, *, show_progress: bool = True) -> None:
+        config.validate()
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        device = resolve_device(config.device)
+        dtype = resolve_dtype(config.dtype, device)
+        backend = resolve_backend(config.attention_backend, device)
+        loaded = loader.load(config.model, device=device, dtype=dtype, seed=config.seed)
+        mc = loaded.config
+        self.model_config: ModelConfig = mc
+        # The pool is sized after the weights are in place: on a GPU it takes what is left.
+        self.model = LlamaModel(
+            mc,
+            loaded.weights,
+            device=device,
+            dtype=dtype,
+            attention=backend,
+            block_size=config.block_size,
+            max_positions=config.max_model_len,
+            show_progress=show_progress,
+        )
+        layout = KvLayout(mc.num_layers, mc.num_kv_heads, mc.head_dim, config.block_size, dtype)
+        num_blocks = _size_pool(config, layout, device)
+        self.kv_cache = PagedKvCache(layout, num_blocks, device)
+        max_model_len = min(
+            mc.max_position_embeddings,
+            config.max_model_len or mc.max_position_embeddings,
+            num_blocks * config.block_size,
+        )
+        self.runner = ModelRunner(
+            self.model,
+            self.kv_cache,
+            cuda_graphs=config.cuda_graphs,
+            max_num_seqs=config.max_num_seqs,
+            max_model_len=max_model_len,
+        )
+        info = EngineInfo(
+            engine="torch",
+            model_id=config.model_id or loaded.model_id,
+            block_size=config.block_size,
+            num_blocks=num_blocks,
+            layout_fingerprint=layout.fingerprint(),
+            max_model_len=max_model_len,
+            vocab_size=mc.vocab_size,
+            device=str(device),
+            dtype=dtype_name(dtype),
+            kv_dtype=dtype_name(layout.dtype),
+            attention_backend=backend.name,
+            transfer_mode=TransferMode.MESH,
+            cuda_graphs=self.runner.uses_cuda_graphs,
+        )
+        super().__init__(
+            config,
+            executor=self.runner,
+            info=info,
+            tokenizer=loaded.tokenizer,
+            eos_token_ids=mc.eos_token_ids,
+        )
+
+
+class TorchEngine(AsyncEngine):
+    """The reference engine: `TorchCore` behind the async API, its KV pool open to NIXL."""
 
     def __init__(self, config: EngineConfig | None = None, *, show_progress: bool = True) -> None:
-        self._core = EngineCore(config or EngineConfig(), show_progress=show_progress)
-        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._streams: dict[str, asyncio.Queue[_StreamItem]] = {}  # event-loop thread only
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._stopping = False
-        self._warmed_up = threading.Event()
-        self._load = self._core.load()
-
-    # -- lifecycle -----------------------------------------------------------------------------
-
-    async def start(self) -> None:
-        """Start the engine thread; returns once a warm-up request has run."""
-        if self._thread is not None:
-            return
-        self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="kvmesh-engine", daemon=True)
-        self._thread.start()
-        await asyncio.to_thread(self._warmed_up.wait)
-
-    async def stop(self) -> None:
-        if self._thread is None or self._stopping:
-            return
-        self._stopping = True
-        self._commands.put(lambda: None)  # wake the thread
-        await asyncio.to_thread(self._thread.join)
-        for stream in self._streams.values():
-            stream.put_nowait(EngineStoppedError("the engine stopped"))
-
-    async def __aenter__(self) -> TorchEngine:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    # -- properties ----------------------------------------------------------------------------
+        self._torch_core = TorchCore(config or EngineConfig(), show_progress=show_progress)
+        super().__init__(self._torch_core)
 
     @property
-    def core(self) -> EngineCore:
+    def core(self) -> TorchCore:
         """The synchronous core, for tests and benchmarks; never touch it while running."""
-        return self._core
+        return self._torch_core
 
-    @property
-    def info(self) -> EngineInfo:
-        return self._core.info
-
-    @property
-    def tokenizer(self) -> Tokenizer | None:
-        return self._core.tokenizer
-
-    @property
-    def kv_events(self) -> KvEventLog:
-        return self._core.kv_events
-
-    @property
-    def kv_cache(self) -> PagedKvCache:
+    def kv_region(self) -> PagedKvCache:
         """The KV tensor, for a transfer agent to register and to copy blocks in and out."""
-        return self._core.kv_cache
-
-    def load(self) -> LoadSnapshot:
-        return self._load
-
-    def stats(self) -> EngineStats:
-        return replace(self._core.stats)
-
-    # -- requests ------------------------------------------------------------------------------
-
-    def generate(self, request: GenerateRequest) -> AsyncIterator[TokenOutput]:
-        self._check_running()
-        self._core.validate(request)
-        return self._stream(request.request_id, lambda: self._core.add(request))
-
-    async def prefill(self, request: GenerateRequest) -> PrefillOutput:
-        stream = self._open(request)
-        self._post_for(request.request_id, lambda: self._core.add(request, prefill_only=True))
-        try:
-            item = await stream.get()
-        except asyncio.CancelledError:
-            self._post(lambda: self._deliver_abort(request.request_id))
-            raise
-        finally:
-            self._streams.pop(request.request_id, None)
-        if isinstance(item, BaseException):
-            raise item
-        assert isinstance(item, PrefillOutput)
-        return item
-
-    async def release_export(self, request_id: str) -> None:
-        await self._call(lambda: self._core.release_export(request_id))
-
-    async def reserve_import(self, request: GenerateRequest, export: KvExport) -> KvImportPlan:
-        self._check_running()
-        try:
-            return await self._call(lambda: self._core.reserve_import(request, export))
-        except asyncio.CancelledError:
-            self._post(lambda: self._deliver_abort(request.request_id))
-            raise
-
-    def generate_imported(
-        self, plan: KvImportPlan, first_token_id: int
-    ) -> AsyncIterator[TokenOutput]:
-        self._check_running()
-
-        def start() -> None:
-            out = self._core.start_import(plan.request_id, first_token_id)
-            if out is not None:
-                self._deliver([out])
-
-        return self._stream(plan.request_id, start)
-
-    async def abort(self, request_id: str) -> None:
-        await self._call(lambda: self._deliver_abort(request_id))
-
-    async def kv_snapshot(self) -> tuple[list[BlockHash], int]:
-        """The prefix cache's hashes and the id of the last event they include."""
-
-        def snapshot() -> tuple[list[BlockHash], int]:
-            self._core.publish_events()
-            return self._core.pool.cached_hashes(), self._core.kv_events.last_event_id
-
-        return await self._call(snapshot)
-
-    async def is_idle_and_whole(self) -> bool:
-        """Nothing in flight or pinned and every KV block free (for tests and drains)."""
-        return await self._call(self._core.is_idle_and_whole)
-
-    # -- the asyncio side ----------------------------------------------------------------------
-
-    def _check_running(self) -> None:
-        if self._thread is None or self._stopping:
-            raise EngineStoppedError("the engine is not running; call start() first")
-        if asyncio.get_running_loop() is not self._loop:
-            raise EngineError("the engine is used from another event loop than it started on")
-
-    def _open(self, request: GenerateRequest) -> asyncio.Queue[_StreamItem]:
-        self._check_running()
-        self._core.validate(request)
-        return self._open_stream(request.request_id)
-
-    def _open_stream(self, request_id: str) -> asyncio.Queue[_StreamItem]:
-        self._check_running()
-        if request_id in self._streams:
-            raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        stream: asyncio.Queue[_StreamItem] = asyncio.Queue()
-        self._streams[request_id] = stream
-        return stream
-
-    async def _stream(
-        self, request_id: str, start: Callable[[], None]
-    ) -> AsyncGenerator[TokenOutput, None]:
-        """Run `start` on the engine thread and yield the request's outputs until it ends.
-
-        Leaving early (break, cancellation, an error in the consumer) aborts the request.
-        """
-        stream = self._open_stream(request_id)
-        self._post_for(request_id, start)
-        done = False
-        try:
-            while not done:
-                item = await stream.get()
-                if isinstance(item, BaseException):
-                    done = True
-                    raise item
-                assert isinstance(item, TokenOutput)
-                done = item.finished
-                yield item
-        finally:
-            self._streams.pop(request_id, None)
-            if not done and not self._stopping:
-                self._post(lambda: self._deliver_abort(request_id))
-
-    async def _call(self, fn: Callable[[], T]) -> T:
-        self._check_running()
-        future: concurrent.futures.Future[T] = concurrent.futures.Future()
-
-        def run() -> None:
-            if not future.set_running_or_notify_cancel():
-                return
-            try:
-                future.set_result(fn())
-            except BaseException as e:
-                future.set_exception(e)
-
-        self._commands.put(run)
-        return await asyncio.wrap_future(future)
-
-    def _post(self, fn: Callable[[], Any]) -> None:
-        self._commands.put(fn)
-
-    def _post_for(self, request_id: str, fn: Callable[[], Any]) -> None:
-        """Run `fn` on the engine thread; an error it raises goes to the request's stream."""
-
-        def run() -> None:
-            try:
-                fn()
-            except Exception as e:
-                self._deliver_error(request_id, e)
-
-        self._commands.put(run)
-
-    def _on_loop(self, items: list[tuple[str, _StreamItem]]) -> None:
-        for request_id, item in items:
-            stream = self._streams.get(request_id)
-            if stream is not None:
-                stream.put_nowait(item)
-
-    # -- the engine thread ---------------------------------------------------------------------
-
-    def _run(self) -> None:
-        try:
-            self._core.warm_up()
-        except Exception:
-            log.exception("engine warm-up failed; serving anyway")
-        self._warmed_up.set()
-        while not self._stopping:
-            self._run_commands(wait=not self._core.has_work)
-            if self._stopping:
-                break
-            if self._core.has_work:
-                self._step()
-            self._load = self._core.load()
-
-    def _run_commands(self, *, wait: bool) -> None:
-        try:
-            command = self._commands.get(block=wait)
-        except queue.Empty:
-            return
-        while True:
-            command()
-            try:
-                command = self._commands.get_nowait()
-            except queue.Empty:
-                return
-
-    def _step(self) -> None:
-        try:
-            outputs = self._core.step()
-        except Exception as e:
-            log.exception("engine step failed")
-            error = EngineError(f"engine step failed: {e!r}")
-            for request_id in self._core.fail_all(e):
-                self._deliver_error(request_id, error)
-            return
-        self._deliver(outputs)
-
-    def _deliver(self, outputs: list[StepOutput]) -> None:
-        if outputs:
-            items: list[tuple[str, _StreamItem]] = [(_request_id(o), o) for o in outputs]
-            self._to_loop(items)
-
-    def _deliver_error(self, request_id: str, error: BaseException) -> None:
-        self._to_loop([(request_id, error)])
-
-    def _deliver_abort(self, request_id: str) -> None:
-        out = self._core.abort(request_id)
-        if out is not None:
-            self._deliver([out])
-
-    def _to_loop(self, items: list[tuple[str, _StreamItem]]) -> None:
-        assert self._loop is not None
-        with contextlib.suppress(RuntimeError):  # a closed event loop has nobody listening
-            self._loop.call_soon_threadsafe(self._on_loop, items)
+        return self._torch_core.kv_cache
 
 
-def _request_id(output: StepOutput) -> str:
-    return output.first.request_id if isinstance(output, PrefillOutput) else output.request_id
-
-
-if TYPE_CHECKING:  # TorchEngine implements the Engine protocol (checked by mypy)
-    from kvmesh.engine.protocol import Engine
-
-    _engine_protocol_check: type[Engine] = TorchEngine
+def _size_pool(config: EngineConfig, layout: KvLayout, device: torch.device) -> int:
+    if config.num_blocks is not None:
+        return config.num_blocks
+    if config.kv_cache_bytes is not None:
+        budget = config.kv_cache_bytes
+    elif device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = int(free * config.gpu_memory_fraction) - _GPU_ACTIVATION_RESERVE
+    else:
+        budget = _CPU_KV_CACHE_BYTES
+    num_blocks = budget // layout.bytes_per_block
+    if num_blocks < 1:
+        raise InvalidRequestError(
+            f"no memory left for the KV cache ({budget} bytes, {layout.bytes_per_block} per block)"
+        )
+    return int(num_blocks)

@@ -1,49 +1,7 @@
-"""KV cache mechanisms shared by workers and the router: hashing, the block pool, events,
-and the NIXL transfer agent (NIXL itself is imported on first use).
+"""KV cache mechanisms shared by workers and the router: hashing (`hashing`), the block pool and
+prefix cache (`block_pool`), KV events (`events`), the paged cache tensor (`cache`) and the NIXL
+transfer agent (`transfer`).
+
+Import the submodule you need: this package imports nothing itself, so the router can hash
+blocks without loading torch or NIXL.
 """
-
-from kvmesh.kv.block_pool import BlockId, BlockPool
-from kvmesh.kv.cache import KvLayout, PagedKvCache
-from kvmesh.kv.errors import (
-    InvalidTokenError,
-    KvError,
-    LayoutMismatchError,
-    NoFreeBlocksError,
-    TransferError,
-)
-from kvmesh.kv.events import (
-    AllCleared,
-    BlockRemoved,
-    BlockStored,
-    KvEvent,
-    KvEventBatch,
-    KvEventLog,
-)
-from kvmesh.kv.hashing import BlockHash, hash_block, hash_blocks, root_hash
-from kvmesh.kv.transfer import KvRegion, KvTransferAgent, TransferResult, TransferStats
-
-__all__ = [
-    "AllCleared",
-    "BlockHash",
-    "BlockId",
-    "BlockPool",
-    "BlockRemoved",
-    "BlockStored",
-    "InvalidTokenError",
-    "KvError",
-    "KvEvent",
-    "KvEventBatch",
-    "KvEventLog",
-    "KvLayout",
-    "KvRegion",
-    "KvTransferAgent",
-    "LayoutMismatchError",
-    "NoFreeBlocksError",
-    "PagedKvCache",
-    "TransferError",
-    "TransferResult",
-    "TransferStats",
-    "hash_block",
-    "hash_blocks",
-    "root_hash",
-]

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 
 import structlog
 
-from kvmesh.rpc.errors import AuthenticationError
+from kvmesh.errors import AuthenticationError
 
 AUTHORIZATION_KEY = "authorization"
 

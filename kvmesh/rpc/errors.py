@@ -1,7 +1,7 @@
 """The one mapping between gRPC status codes and kvmesh's exceptions.
 
-Servers: `status_of(exc)` turns any kvmesh exception into the status code the contract
-promises (the server interceptor applies it to every handler). Clients: `from_rpc_error(e)`
+Servers: `status_of(exc)` is the status a kvmesh exception carries (`KvmeshError.status`; the
+server interceptor applies it to every handler). Clients: `from_rpc_error(e)`
 turns a failed call into an `RpcCallError` subclass named after its status.
 
     RpcCallError                      a call failed with a non-OK status
@@ -19,61 +19,28 @@ turns a failed call into an `RpcCallError` subclass named after its status.
 
 from __future__ import annotations
 
-import functools
-
 import grpc
 
-
-class AuthenticationError(Exception):
-    """Raised by an authenticator: the caller is not who it must be."""
-
-
-class AuthorizationError(Exception):
-    """The caller is known but may not call this method."""
-
-
-@functools.cache
-def _status_table() -> tuple[tuple[type[BaseException], grpc.StatusCode], ...]:
-    """Most specific first: the first matching class decides.
-
-    Imported on first use, so that clients of kvmesh.rpc (the edge) do not load the engine.
-    """
-    from kvmesh.engine import errors as engine
-    from kvmesh.kv import errors as kv
-
-    return (
-        (engine.InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
-        (kv.InvalidTokenError, grpc.StatusCode.INVALID_ARGUMENT),
-        (engine.ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
-        (engine.ModelLoadError, grpc.StatusCode.FAILED_PRECONDITION),
-        (engine.UnknownRequestError, grpc.StatusCode.FAILED_PRECONDITION),
-        (kv.LayoutMismatchError, grpc.StatusCode.FAILED_PRECONDITION),
-        (engine.EngineOverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-        (kv.NoFreeBlocksError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-        (engine.EngineStoppedError, grpc.StatusCode.UNAVAILABLE),
-        (AuthenticationError, grpc.StatusCode.UNAUTHENTICATED),
-        (AuthorizationError, grpc.StatusCode.PERMISSION_DENIED),
-        (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
-    )
+from kvmesh.errors import KvmeshError
 
 
 def status_of(exc: BaseException) -> grpc.StatusCode | None:
     """The status code for a kvmesh exception; None for an unexpected one (a bug: INTERNAL)."""
-    if isinstance(exc, RpcCallError):  # a downstream call failed: pass its status on
-        return exc.code
-    for cls, code in _status_table():
-        if isinstance(exc, cls):
-            return code
+    if isinstance(exc, KvmeshError):  # RpcCallError included: a downstream status passes on
+        return exc.status
+    if isinstance(exc, TimeoutError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED
     return None
 
 
-class RpcCallError(Exception):
+class RpcCallError(KvmeshError):
     code = grpc.StatusCode.UNKNOWN
 
     def __init__(self, message: str, *, code: grpc.StatusCode | None = None) -> None:
         super().__init__(message)
         if code is not None:
             self.code = code
+        self.status = self.code  # a downstream status passes on as this error's own
 
     @property
     def retryable(self) -> bool:

@@ -53,6 +53,12 @@ class Tokenizer:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
+    """A fast tokenizer straight from tokenizer.json where there is one: unlike AutoTokenizer,
+    that loads no torch, so the router and edge stay light."""
+    if (Path(path) / "tokenizer.json").is_file():
+        from transformers import PreTrainedTokenizerFast
+
+        return Tokenizer(PreTrainedTokenizerFast.from_pretrained(str(path)))
     from transformers import AutoTokenizer
 
     return Tokenizer(AutoTokenizer.from_pretrained(str(path)))

@@ -8,9 +8,9 @@ from collections.abc import Sequence
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from kvmesh.api.v1 import common_pb2, worker_pb2
-from kvmesh.engine.errors import InvalidRequestError
-from kvmesh.engine.sampling import SamplingParams, TokenLogprob
-from kvmesh.engine.types import FinishReason, KvExport, LoadSnapshot
+from kvmesh.errors import InvalidRequestError
+from kvmesh.sampling import SamplingParams, TokenLogprob
+from kvmesh.types import FinishReason, KvExport, LoadSnapshot
 
 DEFAULT_MAX_TOKENS = 256
 

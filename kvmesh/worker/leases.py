@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from kvmesh.engine.errors import UnknownRequestError
+from kvmesh.errors import UnknownRequestError
 from kvmesh.telemetry import metrics
 
 log = structlog.get_logger(__name__)

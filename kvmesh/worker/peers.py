@@ -1,23 +1,29 @@
-"""The prefill workers a decode worker reads from: their NIXL metadata, fetched once each."""
+"""The prefill workers a decode worker reads from: their channels, lease releases, and (with
+kvmesh's own transfer, TransferMode.MESH) their NIXL metadata, fetched once each."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import grpc
 import structlog
 
 from kvmesh.api.v1 import worker_pb2, worker_pb2_grpc
-from kvmesh.kv.transfer import KvRegion, KvTransferAgent
+from kvmesh.kv.transfer.types import KvRegion
 from kvmesh.rpc import open_channel
 from kvmesh.rpc.errors import from_rpc_error
+
+if TYPE_CHECKING:
+    from kvmesh.kv.transfer.agent import KvTransferAgent
 
 log = structlog.get_logger(__name__)
 
 
 class PeerDirectory:
-    def __init__(self, agent: KvTransferAgent) -> None:
-        self._agent = agent
+    def __init__(self, agent: Callable[[], KvTransferAgent]) -> None:
+        self._agent = agent  # asked for only when a peer's NIXL metadata is needed
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._peers: dict[str, str] = {}  # worker id -> NIXL agent name
         self._locks: dict[str, asyncio.Lock] = {}
@@ -47,7 +53,7 @@ class PeerDirectory:
                 device_id=meta.device_id,
                 memory_type=meta.memory_type,
             )
-            name: str = self._agent.add_peer(region)
+            name: str = self._agent().add_peer(region)
             self._peers[worker_id] = name
             log.info("added NIXL peer", worker_id=worker_id, agent=name)
             return name
@@ -56,7 +62,7 @@ class PeerDirectory:
         """A peer whose reads fail (restarted, dead) is fetched afresh next time."""
         name = self._peers.pop(worker_id, None)
         if name is not None:
-            self._agent.remove_peer(name)
+            self._agent().remove_peer(name)
 
     def channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)

@@ -8,99 +8,87 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import structlog
-import torch
 from prometheus_client import REGISTRY
 
-from kvmesh import tiers
+from kvmesh import options
 from kvmesh.api.v1 import worker_pb2, worker_pb2_grpc
-from kvmesh.engine import EngineConfig, EngineStoppedError, TorchEngine
-from kvmesh.kv.transfer import KvTransferAgent
+from kvmesh.engine import Engine, EngineConfig, create_engine
+from kvmesh.errors import StoppedError
 from kvmesh.rpc import RpcServer, ServerConfig, ServiceBinding
+from kvmesh.rpc.errors import FailedPreconditionError
 from kvmesh.rpc.service import ServiceSpec, run_service
 from kvmesh.telemetry import configure_logging, metrics
+from kvmesh.tiers import Tier
+from kvmesh.types import TransferMode
 from kvmesh.worker.leases import LeaseTable
 from kvmesh.worker.servicers import KvTransferServicer, WorkerServicer
+
+if TYPE_CHECKING:
+    from kvmesh.kv.transfer.agent import KvTransferAgent
 
 log = structlog.get_logger(__name__)
 
 
+_SERVER = ServerConfig()
+
+
 @dataclass(slots=True)
 class WorkerConfig:
-    tier: str  # "prefill" or "decode"
+    tier: Tier
     engine: EngineConfig = field(default_factory=EngineConfig)
-    host: str = "127.0.0.1"
+    host: str = _SERVER.host
     port: int = 0
+    grace_s: float = _SERVER.grace_s
     registry: str | None = None
     worker_id: str = ""
     lease_s: float = 30.0
     ttl_s: float = 2.0
     metrics_port: int | None = 0
-    torch_threads: int = 0  # 0: PyTorch's default
-    grace_s: float = 10.0
     kv_events: bool = True  # publish KV events for routers' prefix indexes
 
 
+_DEFAULTS = WorkerConfig(tier=Tier.PREFILL)
+
+
 def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--num-blocks", type=int, default=None)
-    parser.add_argument("--max-num-seqs", type=int, default=64)
-    parser.add_argument("--max-batched-tokens", type=int, default=2048)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0, help="0: any free port")
-    parser.add_argument(
-        "--registry",
-        default=os.environ.get("CONSUL_HTTP_ADDR"),
-        help="Consul / embedded registry address (default: $CONSUL_HTTP_ADDR)",
+    options.add_engine_options(parser)
+    options.add_server_options(parser, port=0)
+    options.add_registry_options(parser)
+    options.add_metrics_options(parser)
+    options.add_logging_options(parser)
+    worker = parser.add_argument_group("worker")
+    worker.add_argument("--worker-id", default=_DEFAULTS.worker_id, help="default: generated")
+    worker.add_argument(
+        "--lease-s", type=float, default=_DEFAULTS.lease_s, help="how long exported KV stays pinned"
     )
-    parser.add_argument("--worker-id", default="")
-    parser.add_argument(
-        "--lease-s", type=float, default=30.0, help="how long exported KV stays pinned"
-    )
-    parser.add_argument("--ttl-s", type=float, default=2.0, help="discovery TTL check")
-    parser.add_argument("--metrics-port", type=int, default=0, help="-1: no /metrics endpoint")
-    parser.add_argument("--torch-threads", type=int, default=0)
-    parser.add_argument("--grace-s", type=float, default=10.0)
-    parser.add_argument(
+    worker.add_argument("--ttl-s", type=float, default=_DEFAULTS.ttl_s, help="discovery TTL check")
+    worker.add_argument(
         "--no-kv-events",
         dest="kv_events",
         action="store_false",
         help="publish no KV events: routers index this worker approximately",
     )
-    parser.add_argument("--log-level", default="INFO")
 
 
-def config_from_arguments(tier: str, args: argparse.Namespace) -> WorkerConfig:
-    engine = EngineConfig(
-        model=args.model,
-        device=args.device,
-        dtype=args.dtype,
-        block_size=args.block_size,
-        num_blocks=args.num_blocks,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_batched_tokens,
-    )
+def config_from_arguments(tier: Tier, args: argparse.Namespace) -> WorkerConfig:
     return WorkerConfig(
         tier=tier,
-        engine=engine,
+        engine=options.engine_config(args),
         host=args.host,
         port=args.port,
+        grace_s=args.grace_s,
         registry=args.registry,
         worker_id=args.worker_id,
         lease_s=args.lease_s,
         ttl_s=args.ttl_s,
-        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
-        torch_threads=args.torch_threads,
-        grace_s=args.grace_s,
+        metrics_port=options.metrics_port(args),
         kv_events=args.kv_events,
     )
 
@@ -109,45 +97,61 @@ class WorkerRuntime:
     """Owns the engine and what hangs off it; built before serving, warmed up in `start`."""
 
     def __init__(self, config: WorkerConfig) -> None:
-        if config.tier not in tiers.TIERS:
-            raise ValueError(f"tier must be one of {sorted(tiers.TIERS)}")
         self.config = config
         self.worker_id = config.worker_id or f"{config.tier}-{uuid.uuid4().hex[:8]}"
-        self._engine: TorchEngine | None = None
+        self._engine: Engine | None = None
         self._transfer: KvTransferAgent | None = None
         self._leases: LeaseTable | None = None
         self.server: RpcServer | None = None
         self.draining = False
 
     @property
-    def engine(self) -> TorchEngine:
+    def engine(self) -> Engine:
         if self._engine is None:
-            raise EngineStoppedError("the worker is still warming up")
+            raise StoppedError("the worker is still warming up")
         return self._engine
 
     @property
+    def transfer_mode(self) -> TransferMode:
+        return self.engine.info.transfer_mode
+
+    @property
     def transfer(self) -> KvTransferAgent:
+        """kvmesh's NIXL agent over the engine's KV (TransferMode.MESH only)."""
         if self._transfer is None:
-            raise EngineStoppedError("the worker is still warming up")
+            if self._engine is not None and self.transfer_mode is TransferMode.ENGINE:
+                raise FailedPreconditionError(
+                    f"engine {self._engine.info.engine!r} moves its own KV: this worker has no "
+                    "NIXL agent"
+                )
+            raise StoppedError("the worker is still warming up")
         return self._transfer
 
     @property
     def leases(self) -> LeaseTable:
         if self._leases is None:
-            raise EngineStoppedError("the worker is still warming up")
+            raise StoppedError("the worker is still warming up")
         return self._leases
 
     async def start(self, spec: ServiceSpec) -> None:
-        """Load the model, register the KV pool with NIXL, start leases; fill discovery meta."""
-        if self.config.torch_threads:
-            torch.set_num_threads(self.config.torch_threads)
-        engine = await asyncio.to_thread(TorchEngine, self.config.engine, show_progress=False)
+        """Build and start the engine; with TransferMode.MESH register its KV with NIXL; start
+        leases; fill discovery meta."""
+        engine = await asyncio.to_thread(create_engine, self.config.engine)
         await engine.start()
         self._engine = engine
-        self._transfer = KvTransferAgent(self.worker_id, engine.kv_cache)
-        self._leases = LeaseTable(
-            engine.release_export, take_notifications=self._transfer.take_notifications
-        )
+        notifications = None
+        if engine.info.transfer_mode is TransferMode.MESH:
+            region = engine.kv_region()
+            if region is None:
+                raise FailedPreconditionError(
+                    f"engine {engine.info.engine!r} declares TransferMode.MESH but exposes no "
+                    "KV region"
+                )
+            from kvmesh.kv.transfer.agent import KvTransferAgent
+
+            self._transfer = KvTransferAgent(self.worker_id, region)
+            notifications = self._transfer.take_notifications
+        self._leases = LeaseTable(engine.release_export, take_notifications=notifications)
         self._leases.start()
         REGISTRY.register(metrics.EngineCollector(engine, self.config.tier))
         info = engine.info
@@ -157,8 +161,11 @@ class WorkerRuntime:
             "model": info.model_id,
             "block_size": str(info.block_size),
             "layout": info.layout_fingerprint,
-            "engine": "torch",
-            "nixl_agent": self.worker_id,
+            "engine": info.engine,
+            "transfer_mode": info.transfer_mode.value,
+            "attention_backend": info.attention_backend,
+            "kv_dtype": info.kv_dtype,
+            "nixl_agent": self.worker_id if self._transfer is not None else "",
             "max_model_len": str(info.max_model_len),
         }
 
@@ -174,15 +181,15 @@ class WorkerRuntime:
         info = self.engine.info
         return worker_pb2.WorkerInfo(
             worker_id=self.worker_id,
-            tier=tiers.to_proto(self.config.tier),
+            tier=self.config.tier.to_proto(),
             model=info.model_id,
             block_size=info.block_size,
             num_blocks=info.num_blocks,
             layout_fingerprint=info.layout_fingerprint,
             max_model_len=info.max_model_len,
-            engine="torch",
+            engine=info.engine,
             device=info.device,
-            nixl_agent=self.worker_id,
+            nixl_agent=self.worker_id if self._transfer is not None else "",
             vocab_size=info.vocab_size,
             grpc_address=self.server.address if self.server else "",
         )
@@ -244,7 +251,7 @@ async def run_worker(
         await runtime.stop()
 
 
-def main(tier: str, tier_binding: Callable[[WorkerRuntime], ServiceBinding]) -> None:
+def main(tier: Tier, tier_binding: Callable[[WorkerRuntime], ServiceBinding]) -> None:
     parser = argparse.ArgumentParser(prog=f"python -m services.{tier}")
     add_worker_arguments(parser)
     args = parser.parse_args()

@@ -11,6 +11,7 @@ import grpc
 
 from kvmesh.api.v1 import worker_pb2, worker_pb2_grpc
 from kvmesh.kv.events import AllCleared, BlockRemoved, BlockStored, KvEvent
+from kvmesh.types import TransferMode
 from kvmesh.worker.convert import load_to_proto
 
 if TYPE_CHECKING:
@@ -107,11 +108,12 @@ class KvTransferServicer(worker_pb2_grpc.KvTransferServicer):
         return worker_pb2.ReleaseLeaseResponse(released=released)
 
     async def GetTransferStats(self, request: Any, context: Any) -> worker_pb2.TransferStats:
-        stats = self._runtime.transfer.stats
-        leases = self._runtime.leases
+        runtime = self._runtime
+        stats = runtime.transfer.stats if runtime.transfer_mode is TransferMode.MESH else None
+        leases = runtime.leases
         return worker_pb2.TransferStats(
-            bytes_received=stats.bytes_read,
-            transfers=stats.transfers,
+            bytes_received=stats.bytes_read if stats else 0,  # ENGINE: the engine's own business
+            transfers=stats.transfers if stats else 0,
             active_leases=leases.active,
             pinned_blocks=self._runtime.engine.load().num_blocks_pinned,
             leases_expired=leases.stats.expired,

@@ -25,7 +25,7 @@ import structlog
 
 from kvmesh.discovery import DiscoveryError
 from kvmesh.discovery.keys import DESIRED_PREFIX
-from kvmesh.engine.errors import InvalidRequestError
+from kvmesh.errors import InvalidRequestError
 from kvmesh.telemetry import metrics
 from services.autoscaler.decide import Decision, Observation, Scaler
 from services.autoscaler.policy import Policy

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from kvmesh import options
 from kvmesh.api.v1 import autoscaler_pb2, autoscaler_pb2_grpc
 from kvmesh.discovery import Discovery
 from kvmesh.rpc import RpcServer, ServerConfig, ServiceBinding, admin_authenticator
@@ -32,10 +33,12 @@ log = structlog.get_logger(__name__)
 SERVICE_NAME = autoscaler_pb2.DESCRIPTOR.services_by_name["Autoscaler"].full_name
 METHOD_PREFIX = f"/{SERVICE_NAME}/"  # every Autoscaler method
 
+_SERVER = ServerConfig()
+
 
 @dataclass(slots=True)
 class AutoscalerConfig:
-    host: str = "127.0.0.1"
+    host: str = _SERVER.host
     port: int = 50061
     registry: str | None = None  # None: CONSUL_HTTP_ADDR or 127.0.0.1:8500, and not registered
     tick_s: float = DEFAULT_TICK_S
@@ -45,13 +48,17 @@ class AutoscalerConfig:
     grace_s: float = 5.0
 
 
+_DEFAULTS = AutoscalerConfig()
+
+
 def parse(argv: list[str] | None = None) -> tuple[AutoscalerConfig, str]:
     """The config and the log level."""
     parser = argparse.ArgumentParser(prog="python -m services.autoscaler")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=50061, help="0: any free port")
-    parser.add_argument("--registry", default=os.environ.get("CONSUL_HTTP_ADDR"))
-    parser.add_argument("--tick-s", type=float, default=DEFAULT_TICK_S)
+    options.add_server_options(parser, port=_DEFAULTS.port, grace_s=_DEFAULTS.grace_s)
+    options.add_registry_options(parser)
+    options.add_metrics_options(parser)
+    options.add_logging_options(parser)
+    parser.add_argument("--tick-s", type=float, default=_DEFAULTS.tick_s)
     parser.add_argument(
         "--admin-token",
         default=os.environ.get("KVMESH_ADMIN_TOKEN") or None,
@@ -63,9 +70,6 @@ def parse(argv: list[str] | None = None) -> tuple[AutoscalerConfig, str]:
         default=[],
         help="a model id (as workers register it) to size even while it has no replicas; repeat",
     )
-    parser.add_argument("--metrics-port", type=int, default=0, help="-1: no /metrics endpoint")
-    parser.add_argument("--grace-s", type=float, default=5.0)
-    parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     if args.tick_s <= 0:
         parser.error("--tick-s must be positive")
@@ -76,7 +80,7 @@ def parse(argv: list[str] | None = None) -> tuple[AutoscalerConfig, str]:
         tick_s=args.tick_s,
         admin_token=args.admin_token,
         models=tuple(args.model),
-        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        metrics_port=options.metrics_port(args),
         grace_s=args.grace_s,
     )
     return config, args.log_level

@@ -64,7 +64,7 @@ class MeshObserver:
         self._buckets: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
 
     async def pairs(self) -> set[Pair]:
-        found = {(m, tier) for m in self._models for tier in TIERS}
+        found: set[Pair] = {(m, tier) for m in self._models for tier in TIERS}
         for tier in TIERS:
             found |= {(i.model, tier) for i in await self._instances(f"kvmesh-{tier}") if i.model}
         return found

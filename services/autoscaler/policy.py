@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 
 from kvmesh import tiers
 from kvmesh.api.v1 import autoscaler_pb2, common_pb2
-from kvmesh.engine.errors import InvalidRequestError
+from kvmesh.errors import InvalidRequestError
 from kvmesh.tiers import DECODE, PREFILL, TIERS
 
 __all__ = ["DECODE", "LOAD", "MODES", "PREFILL", "SLA", "TIERS", "Policy"]

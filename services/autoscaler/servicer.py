@@ -13,7 +13,7 @@ from typing import Any
 
 from kvmesh.api.v1 import autoscaler_pb2, autoscaler_pb2_grpc
 from kvmesh.discovery import DiscoveryError
-from kvmesh.engine.errors import InvalidRequestError
+from kvmesh.errors import InvalidRequestError
 from kvmesh.rpc.errors import UnavailableError
 from services.autoscaler.loop import DecisionLog
 from services.autoscaler.policy import Policy, tier_from_proto

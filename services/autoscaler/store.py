@@ -18,7 +18,7 @@ import structlog
 
 from kvmesh.discovery import Discovery, KvEntry
 from kvmesh.discovery.keys import POLICY_PREFIX
-from kvmesh.engine.errors import InvalidRequestError
+from kvmesh.errors import InvalidRequestError
 from services.autoscaler.policy import Policy
 
 log = structlog.get_logger(__name__)

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import structlog
 
+from kvmesh import models, options
 from kvmesh.api.v1 import controlplane_pb2, controlplane_pb2_grpc
 from kvmesh.discovery import Discovery
-from kvmesh.engine import loader
 from kvmesh.rpc import RpcServer, ServerConfig, ServiceBinding, admin_authenticator
 from kvmesh.rpc.service import ServiceSpec, run_service
 from services.controlplane.actuator import Actuator
@@ -37,10 +37,12 @@ log = structlog.get_logger(__name__)
 SERVICE_NAME = controlplane_pb2.DESCRIPTOR.services_by_name["ControlPlane"].full_name
 ACTUATORS = ("local", "kubernetes")
 
+_SERVER = ServerConfig()
+
 
 @dataclass(slots=True)
 class ControlPlaneConfig:
-    host: str = "127.0.0.1"
+    host: str = _SERVER.host
     port: int = 50071
     registry: str | None = None
     clusters: dict[str, str] = field(default_factory=dict)  # name -> agent address
@@ -59,12 +61,16 @@ class ControlPlaneConfig:
     grace_s: float = 5.0
 
 
+_DEFAULTS = ControlPlaneConfig()
+
+
 def parse(argv: list[str] | None = None) -> tuple[ControlPlaneConfig, str]:
     """The config and the log level."""
     parser = argparse.ArgumentParser(prog="python -m services.controlplane")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=50071, help="0: any free port")
-    parser.add_argument("--registry", default=os.environ.get("CONSUL_HTTP_ADDR"))
+    options.add_server_options(parser, port=_DEFAULTS.port, grace_s=_DEFAULTS.grace_s)
+    options.add_registry_options(parser)
+    options.add_metrics_options(parser)
+    options.add_logging_options(parser)
     parser.add_argument(
         "--cluster",
         action="append",
@@ -73,11 +79,19 @@ def parse(argv: list[str] | None = None) -> tuple[ControlPlaneConfig, str]:
         help="a cluster (Consul datacenter) and its agent's host:port; repeat",
     )
     parser.add_argument(
-        "--model", action="append", default=[], help="a model spec workers may be started with"
+        "--model",
+        action="append",
+        default=[],
+        help="a model spec workers may be started with; repeat "
+        f"(default: {', '.join(_DEFAULTS.models)})",
     )
-    parser.add_argument("--capacity", type=int, default=4, help="replicas one cluster may hold")
-    parser.add_argument("--actuator", choices=ACTUATORS, default="local")
-    parser.add_argument("--namespace", default="kvmesh", help="kubernetes: the namespace")
+    parser.add_argument(
+        "--capacity", type=int, default=_DEFAULTS.capacity, help="replicas one cluster may hold"
+    )
+    parser.add_argument("--actuator", choices=ACTUATORS, default=_DEFAULTS.actuator)
+    parser.add_argument(
+        "--namespace", default=_DEFAULTS.namespace, help="kubernetes: the namespace"
+    )
     parser.add_argument(
         "--kube-context",
         action="append",
@@ -85,24 +99,21 @@ def parse(argv: list[str] | None = None) -> tuple[ControlPlaneConfig, str]:
         metavar="CLUSTER=CONTEXT",
         help="kubernetes: the kubeconfig context of a cluster (default: in-cluster / current)",
     )
-    parser.add_argument("--device", default="cpu", help="local: the workers' --device")
-    parser.add_argument("--log-dir", type=Path, default=Path(".kvmesh/logs"))
+    parser.add_argument("--device", default=_DEFAULTS.device, help="local: the workers' --device")
+    parser.add_argument("--log-dir", type=Path, default=_DEFAULTS.log_dir)
     parser.add_argument(
         "--worker-arg",
         action="append",
         default=[],
         help="local: one more argument for every worker (--worker-arg=--num-blocks ...)",
     )
-    parser.add_argument("--interval-s", type=float, default=DEFAULT_INTERVAL_S)
-    parser.add_argument("--drain-timeout-s", type=float, default=DEFAULT_DRAIN_TIMEOUT_S)
+    parser.add_argument("--interval-s", type=float, default=_DEFAULTS.interval_s)
+    parser.add_argument("--drain-timeout-s", type=float, default=_DEFAULTS.drain_timeout_s)
     parser.add_argument(
         "--admin-token",
         default=os.environ.get("KVMESH_ADMIN_TOKEN") or None,
         help="bearer token every ControlPlane RPC needs (default: $KVMESH_ADMIN_TOKEN)",
     )
-    parser.add_argument("--metrics-port", type=int, default=0, help="-1: no /metrics endpoint")
-    parser.add_argument("--grace-s", type=float, default=5.0)
-    parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     if args.interval_s <= 0 or args.drain_timeout_s <= 0:
         parser.error("--interval-s and --drain-timeout-s must be positive")
@@ -113,7 +124,7 @@ def parse(argv: list[str] | None = None) -> tuple[ControlPlaneConfig, str]:
         port=args.port,
         registry=args.registry,
         clusters=_pairs(parser, "--cluster", args.cluster),
-        models=tuple(args.model) or ("smollm2",),
+        models=tuple(args.model) or _DEFAULTS.models,
         capacity=args.capacity,
         actuator=args.actuator,
         namespace=args.namespace,
@@ -124,7 +135,7 @@ def parse(argv: list[str] | None = None) -> tuple[ControlPlaneConfig, str]:
         interval_s=args.interval_s,
         drain_timeout_s=args.drain_timeout_s,
         admin_token=args.admin_token,
-        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        metrics_port=options.metrics_port(args),
         grace_s=args.grace_s,
     )
     return config, args.log_level
@@ -159,13 +170,13 @@ async def build_actuators(config: ControlPlaneConfig, discovery: Discovery) -> d
                 name, namespace=config.namespace, capacity=config.capacity, api_client=client
             )
         return actuators
-    sources = [await asyncio.to_thread(loader.resolve, spec) for spec in config.models]
-    models = {source.model_id: spec for source, spec in zip(sources, config.models, strict=True)}
+    sources = [await asyncio.to_thread(models.resolve, spec) for spec in config.models]
+    specs = {source.model_id: spec for source, spec in zip(sources, config.models, strict=True)}
     return {
         name: LocalActuator(
             name,
             registry=agent,
-            models=models,
+            models=specs,
             capacity=config.capacity,
             log_dir=config.log_dir,
             worker_args=config.worker_args,

@@ -35,7 +35,7 @@ import structlog
 from kvmesh.api.v1 import worker_pb2
 from kvmesh.discovery import Discovery, DiscoveryError
 from kvmesh.discovery import keys as kv_keys
-from kvmesh.engine.errors import InvalidRequestError
+from kvmesh.errors import InvalidRequestError
 from kvmesh.rpc.errors import NotFoundError, UnavailableError
 from kvmesh.tiers import TIERS
 from kvmesh.worker.remote import WorkerClients

@@ -14,7 +14,7 @@ from google.protobuf import timestamp_pb2
 
 from kvmesh import tiers
 from kvmesh.api.v1 import controlplane_pb2, controlplane_pb2_grpc
-from kvmesh.engine.errors import InvalidRequestError
+from kvmesh.errors import InvalidRequestError
 from services.controlplane.plane import ClusterView, ControlPlane, DeploymentView
 
 

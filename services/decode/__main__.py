@@ -1,4 +1,5 @@
+from kvmesh.tiers import Tier
 from kvmesh.worker.runtime import main
 from services.decode.servicer import binding
 
-main("decode", binding)
+main(Tier.DECODE, binding)

@@ -1,11 +1,18 @@
 """`kvmesh.v1.Decode`: decode a request, its prompt KV read from a prefill worker or computed here.
 
-With a KvHandle: reserve local blocks for what this worker's prefix cache lacks, READ those
-blocks from the prefill worker over NIXL (the READ's notification releases the prefill's lease),
+With a KvHandle, by the engine's transfer mode:
+
+- MESH: reserve local blocks for what this worker's prefix cache lacks, READ those blocks from
+  the prefill worker over NIXL (the READ's notification releases the prefill's lease);
+- ENGINE: hand the handle (its `engine_state`, carried by the router) to the engine, which
+  moves the KV itself; then release the prefill's lease by RPC;
+
 then decode from the prefill's first token. Without one (the aggregated path, or a request
 migrating from a failed decode worker), prefill prompt + tokens generated so far here. If the
 prefill worker cannot be read (it died, its lease expired), fall back to computing locally:
-slower, never wrong.
+slower, never wrong. A handle whose KV layout this worker cannot read (`kvmesh.kv.layout`) is
+refused with FAILED_PRECONDITION before anything is fetched or reserved; the router then asks
+again without it.
 """
 
 from __future__ import annotations
@@ -19,12 +26,14 @@ from typing import Any
 
 import structlog
 
-from kvmesh.api.v1 import worker_pb2, worker_pb2_grpc
-from kvmesh.engine import GenerateRequest, SamplingParams, TokenOutput
-from kvmesh.engine.errors import InvalidRequestError
-from kvmesh.kv.errors import KvError
+from kvmesh.api.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from kvmesh.errors import InvalidRequestError
+from kvmesh.kv.errors import KvError, LayoutMismatchError
+from kvmesh.kv.layout import compatible
 from kvmesh.rpc import RpcCallError, ServiceBinding
+from kvmesh.sampling import SamplingParams
 from kvmesh.telemetry import metrics
+from kvmesh.types import GenerateRequest, TokenOutput, TransferMode
 from kvmesh.worker import convert
 from kvmesh.worker.leases import release_message
 from kvmesh.worker.peers import PeerDirectory
@@ -42,7 +51,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
     @property
     def peers(self) -> PeerDirectory:
         if self._peers is None:
-            self._peers = PeerDirectory(self._runtime.transfer)
+            self._peers = PeerDirectory(lambda: self._runtime.transfer)
         return self._peers
 
     async def Decode(
@@ -58,7 +67,11 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
         outputs: AsyncIterator[TokenOutput] | None = None
         transferred = 0
         if request.HasField("kv_handle") and generated:
-            imported = await self._import(local_id, request, sampling, generated[0])
+            self._check_layout(request.kv_handle)
+            if self._runtime.transfer_mode is TransferMode.ENGINE:
+                imported = await self._import_by_engine(local_id, request, sampling, generated[0])
+            else:
+                imported = await self._import(local_id, request, sampling, generated[0])
             if imported is not None:
                 outputs, transferred = imported
         if outputs is None:  # aggregated, migrated, or the prefill worker could not be read
@@ -78,6 +91,17 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
                 response.num_transferred_blocks = transferred
                 first = False
             yield response
+
+    def _check_layout(self, handle: common_pb2.KvHandle) -> None:
+        """Refuse KV this worker cannot read before anything is fetched or reserved."""
+        ours = self._runtime.engine.info.layout_fingerprint
+        difference = compatible(handle.layout_fingerprint, ours)
+        if difference is not None:
+            raise LayoutMismatchError(
+                f"cannot import KV: prefill worker {handle.worker_id!r} wrote layout "
+                f"{handle.layout_fingerprint}, decode worker {self._runtime.worker_id!r} reads "
+                f"{ours}: {difference}"
+            )
 
     async def _import(
         self,
@@ -114,6 +138,24 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
             await engine.abort(local_id)
             raise
         return engine.generate_imported(plan, first_token), len(remote)
+
+    async def _import_by_engine(
+        self,
+        local_id: str,
+        request: worker_pb2.DecodeRequest,
+        sampling: SamplingParams,
+        first_token: int,
+    ) -> tuple[AsyncIterator[TokenOutput], int] | None:
+        engine, handle = self._runtime.engine, request.kv_handle
+        engine_request = GenerateRequest(local_id, tuple(request.prompt_token_ids), sampling)
+        try:
+            plan = await engine.reserve_import(engine_request, convert.handle_to_export(handle))
+        except KvError as e:  # the engine could not fetch it (peer gone, expired)
+            log.warning("engine KV transfer failed; computing locally", error=str(e))
+            return None
+        self._spawn(self.peers.release_lease(handle.grpc_address, handle.request_id))
+        moved = len(plan.block_ids) - plan.num_cached_blocks
+        return engine.generate_imported(plan, first_token), moved
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.ensure_future(coroutine)

@@ -13,6 +13,8 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from kvmesh import options
+
 ROUTER_ENV = "KVMESH_ROUTER"
 REGISTRY_ENV = "CONSUL_HTTP_ADDR"
 DEFAULT_ROUTER = "127.0.0.1:50051"
@@ -35,7 +37,7 @@ class EdgeConfig:
     max_body_bytes: int = 4 * 1024 * 1024  # larger request bodies get 413
     default_max_tokens: int | None = None  # when a request sets none; None: the router's default
     shutdown_grace_s: float = 5.0  # on SIGTERM, in-flight responses get this long, then cancel
-    log_level: str = "INFO"
+    log_level: str = options.DEFAULT_LOG_LEVEL
     log_json: bool | None = None  # None: JSON unless stderr is a terminal
 
     def __post_init__(self) -> None:
@@ -167,7 +169,7 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         default=defaults.shutdown_grace_s,
         help="seconds in-flight responses get on SIGTERM before they are cancelled",
     )
-    parser.add_argument("--log-level", default=defaults.log_level, help="a logging level name")
+    options.add_logging_options(parser)
     parser.add_argument(
         "--log-json",
         action=argparse.BooleanOptionalAction,

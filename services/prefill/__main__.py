@@ -1,4 +1,5 @@
+from kvmesh.tiers import Tier
 from kvmesh.worker.runtime import main
 from services.prefill.servicer import binding
 
-main("prefill", binding)
+main(Tier.PREFILL, binding)

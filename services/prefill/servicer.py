@@ -7,9 +7,9 @@ from typing import Any
 import structlog
 
 from kvmesh.api.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from kvmesh.engine import GenerateRequest
-from kvmesh.engine.errors import InvalidRequestError
+from kvmesh.errors import InvalidRequestError
 from kvmesh.rpc import ServiceBinding
+from kvmesh.types import GenerateRequest
 from kvmesh.worker import convert
 from kvmesh.worker.runtime import WorkerRuntime
 

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass, field
 
+from kvmesh import options
+from kvmesh.rpc import ServerConfig
 from services.router.policy import POLICIES, PolicyConfig
+
+_SERVER = ServerConfig()
 
 
 @dataclass(slots=True)
 class RouterConfig:
-    host: str = "127.0.0.1"
+    host: str = _SERVER.host
     port: int = 50051
     registry: str | None = None
     model: str = "smollm2"  # the tokenizer and chat template come from the same source
@@ -22,7 +25,7 @@ class RouterConfig:
     default_max_tokens: int = 256
     load_interval_ms: int = 100
     metrics_port: int | None = 0
-    grace_s: float = 10.0
+    grace_s: float = _SERVER.grace_s
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     approx_ttl_s: float = 120.0  # how long a routed prefix counts for an approximate worker
     pending_ttl_s: float = 10.0  # and for an exact one, until its KV events say so
@@ -33,25 +36,27 @@ class RouterConfig:
     kv_datacenter: str | None = None  # where shared KV keys (wake) go; None: the agent's own
 
 
+_DEFAULTS = RouterConfig()
+
+
 def parse(argv: list[str] | None = None) -> tuple[RouterConfig, str]:
     """The config and the log level."""
     parser = argparse.ArgumentParser(prog="python -m services.router")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=50051, help="0: any free port")
-    parser.add_argument("--registry", default=os.environ.get("CONSUL_HTTP_ADDR"))
-    parser.add_argument("--model", default="smollm2")
+    options.add_server_options(parser, port=_DEFAULTS.port, grace_s=_DEFAULTS.grace_s)
+    options.add_registry_options(parser)
+    options.add_metrics_options(parser)
+    options.add_logging_options(parser)
+    parser.add_argument("--model", default=_DEFAULTS.model)
     parser.add_argument(
         "--disagg-min-tokens",
         type=int,
-        default=64,
+        default=_DEFAULTS.disagg_min_tokens,
         help="prompts shorter than this are prefilled on the decode worker",
     )
-    parser.add_argument("--prefill-retries", type=int, default=2)
-    parser.add_argument("--max-migrations", type=int, default=3)
-    parser.add_argument("--default-max-tokens", type=int, default=256)
-    parser.add_argument("--load-interval-ms", type=int, default=100)
-    parser.add_argument("--metrics-port", type=int, default=0, help="-1: no /metrics endpoint")
-    parser.add_argument("--grace-s", type=float, default=10.0)
+    parser.add_argument("--prefill-retries", type=int, default=_DEFAULTS.prefill_retries)
+    parser.add_argument("--max-migrations", type=int, default=_DEFAULTS.max_migrations)
+    parser.add_argument("--default-max-tokens", type=int, default=_DEFAULTS.default_max_tokens)
+    parser.add_argument("--load-interval-ms", type=int, default=_DEFAULTS.load_interval_ms)
     parser.add_argument(
         "--only-workers",
         default="",
@@ -61,64 +66,64 @@ def parse(argv: list[str] | None = None) -> tuple[RouterConfig, str]:
     admission.add_argument(
         "--saturation-in-flight",
         type=int,
-        default=0,
+        default=_DEFAULTS.saturation_in_flight,
         help="refuse callers that can spill elsewhere (x-kvmesh-spill) with RESOURCE_EXHAUSTED "
         "once this router's requests in flight per decode worker reach this; 0: never",
     )
     admission.add_argument(
         "--wake-timeout-s",
         type=float,
-        default=120.0,
+        default=_DEFAULTS.wake_timeout_s,
         help="with no decode worker, a request waits this long for one (writing the wake key "
         "the autoscaler reads), then fails UNAVAILABLE",
     )
     admission.add_argument(
         "--kv-datacenter",
-        default=None,
+        default=_DEFAULTS.kv_datacenter,
         help="the datacenter whose KV holds the mesh's shared keys (the wake key); "
         "default: the registry agent's own",
     )
     routing = parser.add_argument_group("routing (docs/architecture.md: cache-aware routing)")
-    routing.add_argument("--policy", choices=POLICIES, default="cache_aware")
+    policy = _DEFAULTS.policy
+    routing.add_argument("--policy", choices=POLICIES, default=policy.policy)
     routing.add_argument(
         "--overlap-weight",
         type=float,
-        default=1.0,
+        default=policy.overlap_weight,
         help="cost per prompt token a worker would compute, against one token of its load",
     )
     routing.add_argument(
         "--balance-slack",
         type=float,
-        default=0.5,
+        default=policy.balance_slack,
         help="bounded load: a worker takes requests while in flight <= (1+slack) x mean",
     )
     routing.add_argument(
         "--balance-abs",
         type=int,
-        default=4,
+        default=policy.balance_abs,
         help="bounded load: or while in flight <= the least loaded worker's + this",
     )
     routing.add_argument(
         "--decode-request-tokens",
         type=int,
-        default=64,
+        default=policy.decode_request_tokens,
         help="load of one running decode request, in prompt tokens",
     )
     routing.add_argument(
         "--approx-ttl-s",
         type=float,
-        default=120.0,
+        default=_DEFAULTS.approx_ttl_s,
         help="a worker without trusted KV events is assumed to hold what it was sent this long",
     )
     routing.add_argument(
         "--pending-ttl-s",
         type=float,
-        default=10.0,
+        default=_DEFAULTS.pending_ttl_s,
         help="a worker is assumed to hold a prompt just sent to it this long (until its events)",
     )
-    routing.add_argument("--kv-stall-s", type=float, default=5.0)
-    routing.add_argument("--seed", type=int, default=None, help="the random policy's seed")
-    parser.add_argument("--log-level", default="INFO")
+    routing.add_argument("--kv-stall-s", type=float, default=_DEFAULTS.kv_stall_s)
+    routing.add_argument("--seed", type=int, default=policy.seed, help="the random policy's seed")
     args = parser.parse_args(argv)
     config = RouterConfig(
         host=args.host,
@@ -130,7 +135,7 @@ def parse(argv: list[str] | None = None) -> tuple[RouterConfig, str]:
         max_migrations=args.max_migrations,
         default_max_tokens=args.default_max_tokens,
         load_interval_ms=args.load_interval_ms,
-        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        metrics_port=options.metrics_port(args),
         grace_s=args.grace_s,
         policy=PolicyConfig(
             policy=args.policy,

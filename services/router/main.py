@@ -6,9 +6,9 @@ import asyncio
 
 import structlog
 
+from kvmesh import models
 from kvmesh.api.v1 import generation_pb2, generation_pb2_grpc
 from kvmesh.discovery import Discovery
-from kvmesh.engine import loader
 from kvmesh.rpc import RpcServer, ServerConfig, ServiceBinding
 from kvmesh.rpc.service import ServiceSpec, run_service
 from kvmesh.text import load_tokenizer
@@ -25,7 +25,7 @@ log = structlog.get_logger(__name__)
 
 
 async def run_router(config: RouterConfig) -> None:
-    source = await asyncio.to_thread(loader.resolve, config.model)
+    source = await asyncio.to_thread(models.resolve, config.model)
     tokenizer = None
     if source.tokenizer_dir is None:  # a dummy model at a shape no local tokenizer has
         log.warning("model has no tokenizer: serving token ids only", model=source.model_id)

@@ -4,7 +4,11 @@ The decode worker is chosen first, by overlap too: conditional disaggregation as
 prompt tokens the chosen decode worker would still have to compute — when fewer than
 `disagg_min_tokens` (a short prompt, or one mostly cached there), it prefills them itself;
 otherwise a prefill worker is chosen and the KV moves to the decode worker, which reads only the
-blocks it lacks. Retries and migrations choose again among the workers not yet tried.
+blocks it lacks. Only prefill workers whose KV layout the decode worker can read are candidates
+(`WorkerPool.incompatibility`); when there are prefill workers but none of them pairs with the
+chosen decode worker, the request goes aggregated and the prefill tier's decision counts the
+reason `no_compatible_prefill`. Block hashes use the decode worker's block size. Retries and
+migrations choose again among the workers not yet tried.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from services.router.policy import Decision, Router
 from services.router.pool import Worker, WorkerPool
 
 log = structlog.get_logger(__name__)
+
+NO_COMPATIBLE_PREFILL = "no_compatible_prefill"  # a decision reason: aggregated for this reason
 
 
 @dataclass(slots=True)
@@ -59,16 +65,33 @@ class Planner:
         plan = Plan(hashes, block_size, len(prompt), decision, None)
         decode = decision.chosen
         assert decode is not None
-        prefill_workers = self._pool.candidates("prefill")
-        if prefill_workers and decode.new_tokens >= self._disagg_min_tokens:
-            plan.prefill = self._choose(
-                "prefill", hashes, len(prompt), block_size, prefill_workers, record
-            )
+        decode_info = decode.worker.info
+        assert decode_info is not None
+        if decode_info.block_size != block_size:  # decode workers differ: hash as this one does
+            plan.block_size = decode_info.block_size
+            plan.hashes = hash_blocks(prompt, plan.block_size, self._root(decode_info.model))
+        if decode.new_tokens < self._disagg_min_tokens or not self._pool.candidates("prefill"):
+            return plan
+        prefill_workers = self._pool.candidates("prefill", paired_with=decode.worker)
+        if not prefill_workers:
+            if record:
+                metrics.ROUTER_DECISIONS.labels("prefill", self.policy, NO_COMPATIBLE_PREFILL).inc()
+                log.debug(
+                    "aggregated: no prefill worker pairs with the decode worker",
+                    decode_worker=decode.worker.worker_id,
+                )
+            return plan
+        plan.prefill = self._choose(
+            "prefill", plan.hashes, len(prompt), plan.block_size, prefill_workers, record
+        )
         return plan
 
     def again(self, plan: Plan, tier: str, exclude: Iterable[str]) -> Decision:
-        """Choose another worker of `tier` (a retry or a migration), avoiding `exclude`."""
-        workers = self._pool.candidates(tier, exclude=exclude)
+        """Choose another worker of `tier` (a retry or a migration), avoiding `exclude`; a
+        prefill worker must pair with the planned decode worker."""
+        decode = plan.decode.chosen
+        paired_with = decode.worker if tier == "prefill" and decode is not None else None
+        workers = self._pool.candidates(tier, exclude=exclude, paired_with=paired_with)
         return self._choose(tier, plan.hashes, plan.prompt_tokens, plan.block_size, workers, True)
 
     def _choose(

@@ -7,6 +7,11 @@ the requests already sent to it end (a drained worker deregisters, then finishes
 router also counts what it has sent to a worker and not yet finished (`in_flight` requests,
 `pending_tokens` of prefill), which reacts at once, while load reports arrive every interval.
 Choosing among the workers is `policy.py`'s job.
+
+Pairing: when a worker's `WorkerInfo` arrives, its KV layout (fingerprint and transfer mode) is
+checked against every worker of the other tier (`kvmesh.kv.layout.compatible`); a prefill and
+a decode worker pair up only when the decode worker can read the prefill worker's KV. Each
+incompatible pair is logged once, naming both workers and the difference.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import structlog
 
 from kvmesh.api.v1 import worker_pb2, worker_pb2_grpc
 from kvmesh.discovery import Discovery, ServiceInstance
+from kvmesh.kv.layout import LayoutSpec, compatible, parse
 from kvmesh.rpc import open_channel
 from kvmesh.telemetry import metrics
 from kvmesh.tiers import TIERS
@@ -41,6 +47,7 @@ class Worker:
     address: str
     channel: grpc.aio.Channel
     info: worker_pb2.WorkerInfo | None = None
+    meta: dict[str, str] = field(default_factory=dict)  # its discovery meta
     load: worker_pb2.LoadReport = field(default_factory=worker_pb2.LoadReport)
     in_flight: int = 0
     pending_tokens: int = 0  # prompt tokens sent to prefill here and not yet returned
@@ -48,6 +55,13 @@ class Worker:
     watcher: asyncio.Task[None] | None = None
     kv_follower: asyncio.Task[None] | None = None
     idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while in_flight == 0
+
+    @property
+    def layout(self) -> LayoutSpec | None:
+        """Its KV layout: the fingerprint from `info`, the transfer mode from discovery."""
+        if self.info is None:
+            return None
+        return parse(self.info.layout_fingerprint, transfer_mode=self.meta.get("transfer_mode"))
 
     @property
     def prefill(self) -> worker_pb2_grpc.PrefillAsyncStub:
@@ -98,6 +112,8 @@ class WorkerPool:
         self._tasks: list[asyncio.Task[None]] = []
         self._closing: set[asyncio.Task[None]] = set()  # channels of left workers, once idle
         self._changed = asyncio.Condition()
+        # (prefill id, decode id) -> the difference that keeps them apart
+        self._incompatible: dict[tuple[str, str], str] = {}
 
     async def start(self) -> None:
         for tier in TIERS:
@@ -120,11 +136,24 @@ class WorkerPool:
     def workers(self, tier: str) -> list[Worker]:
         return [w for w in self._workers[tier].values() if w.info is not None]
 
-    def candidates(self, tier: str, exclude: Iterable[str] = ()) -> list[Worker]:
-        """Ready workers of `tier` but `exclude`, without recent failures unless all failed."""
+    def candidates(
+        self, tier: str, exclude: Iterable[str] = (), *, paired_with: Worker | None = None
+    ) -> list[Worker]:
+        """Ready workers of `tier` but `exclude` (and, given `paired_with`, only those that pair
+        with it), without recent failures unless all failed."""
         excluded = set(exclude)
-        ready = [w for w in self.workers(tier) if w.worker_id not in excluded]
+        ready = [
+            w
+            for w in self.workers(tier)
+            if w.worker_id not in excluded
+            and (paired_with is None or self.incompatibility(w, paired_with) is None)
+        ]
         return [w for w in ready if not w.recently_failed] or ready
+
+    def incompatibility(self, a: Worker, b: Worker) -> str | None:
+        """Why a prefill and a decode worker (either order) cannot pair; None if they can."""
+        prefill, decode = (a, b) if a.tier == "prefill" else (b, a)
+        return self._incompatible.get((prefill.worker_id, decode.worker_id))
 
     async def wait_for(self, tier: str, count: int = 1, timeout_s: float = 60.0) -> None:
         async with self._changed:
@@ -152,6 +181,7 @@ class WorkerPool:
                     tier,
                     instance.grpc_address,
                     open_channel(instance.grpc_address, wait_for_ready=False),
+                    meta=dict(instance.meta),
                 )
                 current[worker_id] = worker
                 worker.watcher = asyncio.create_task(self._watch_load(worker))
@@ -167,6 +197,7 @@ class WorkerPool:
         while True:
             try:
                 worker.info = await stub.GetInfo(worker_pb2.GetInfoRequest(), timeout=10)
+                self._check_pairs(worker)
                 await self._notify()
                 request = worker_pb2.WatchLoadRequest(interval_ms=self._load_interval_ms)
                 async for report in stub.WatchLoad(request):
@@ -174,6 +205,29 @@ class WorkerPool:
             except grpc.aio.AioRpcError as e:
                 log.debug("load stream broke", worker_id=worker.worker_id, error=e.details())
             await asyncio.sleep(0.5)  # reconnect pause; discovery removes a dead worker
+
+    def _check_pairs(self, worker: Worker) -> None:
+        """Check a worker whose info just arrived against every worker of the other tier."""
+        other_tier = "decode" if worker.tier == "prefill" else "prefill"
+        for other in self.workers(other_tier):
+            prefill, decode = (worker, other) if worker.tier == "prefill" else (other, worker)
+            prefill_layout, decode_layout = prefill.layout, decode.layout
+            assert prefill_layout is not None and decode_layout is not None  # both have info
+            key = (prefill.worker_id, decode.worker_id)
+            difference = compatible(prefill_layout, decode_layout)
+            if difference is None:
+                self._incompatible.pop(key, None)
+                continue
+            if self._incompatible.get(key) != difference:  # once per pair (and difference)
+                log.warning(
+                    "KV layouts incompatible: these workers will not be paired",
+                    prefill_worker=prefill.worker_id,
+                    decode_worker=decode.worker_id,
+                    difference=difference,
+                    prefill_layout=prefill_layout.fingerprint,
+                    decode_layout=decode_layout.fingerprint,
+                )
+            self._incompatible[key] = difference
 
     async def _remove(self, worker: Worker, *, at_once: bool = False) -> None:
         """Forget a worker that left discovery. Its channel stays open while requests sent
@@ -185,6 +239,8 @@ class WorkerPool:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self.index.remove_worker(worker.worker_id)
+        for key in [k for k in self._incompatible if worker.worker_id in k]:
+            del self._incompatible[key]
         if worker.in_flight > 0 and not at_once:
             closing = asyncio.create_task(self._close_when_idle(worker))
             self._closing.add(closing)

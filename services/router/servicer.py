@@ -5,6 +5,7 @@
       yes: choose P; Prefill on P (retried on another P on failure) -> stream the first token
            at once -> Decode on D with P's KvHandle (D reads the blocks it lacks over NIXL)
       no:  Decode on D without a handle (D prefills locally)
+    D cannot read P's KV layout (FAILED_PRECONDITION): Decode on D again without the handle
     D fails mid-stream: migrate to another D with prompt + tokens so far (no duplicates, no gaps)
 
 Before any of it, admission (admission.py): with no decode worker the request waits for one
@@ -33,13 +34,13 @@ from kvmesh.api.v1 import (
     worker_pb2,
     worker_pb2_grpc,
 )
-from kvmesh.engine.errors import InvalidRequestError, ModelNotFoundError
-from kvmesh.engine.sampling import SamplingParams
-from kvmesh.engine.validation import validate_request
+from kvmesh.errors import InvalidRequestError, ModelNotFoundError
 from kvmesh.rpc.errors import RpcCallError, UnavailableError, from_rpc_error
 from kvmesh.rpc.spill import wants_spill
+from kvmesh.sampling import SamplingParams
 from kvmesh.telemetry import metrics
 from kvmesh.text import Tokenizer
+from kvmesh.validation import validate_request
 from kvmesh.worker import convert
 from services.router.admission import Admission
 from services.router.args import RouterConfig
@@ -292,6 +293,23 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                         return
                 raise _StreamEnded()
             except (grpc.aio.AioRpcError, _StreamEnded) as e:
+                if (
+                    isinstance(e, grpc.aio.AioRpcError)
+                    and e.code() == grpc.StatusCode.FAILED_PRECONDITION
+                    and handle is not None
+                    and first
+                ):
+                    # The handle is refused (a layout D cannot read, or a stale lease): D
+                    # computes the prompt itself, and the lease nobody will read is freed.
+                    log.warning(
+                        "decode worker refused the KV handle; decoding there without it",
+                        worker_id=worker.worker_id,
+                        prefill_worker=handle.worker_id,
+                        error=e.details(),
+                    )
+                    self._spawn(self._release(handle))
+                    handle = None
+                    continue
                 if isinstance(e, grpc.aio.AioRpcError) and e.code() not in _MIGRATABLE:
                     raise from_rpc_error(e) from e
                 worker.mark_failed()

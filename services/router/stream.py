@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 
 from kvmesh.api.v1 import common_pb2, generation_pb2
-from kvmesh.engine.sampling import SamplingParams
+from kvmesh.sampling import SamplingParams
 from kvmesh.text import IncrementalDetokenizer, Tokenizer
 
 

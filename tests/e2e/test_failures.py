@@ -13,7 +13,9 @@ import pytest
 
 from kvmesh.api.v1 import worker_pb2, worker_pb2_grpc
 from kvmesh.bench.prompts import CHAT_PROMPTS
-from kvmesh.engine import EngineConfig, EngineCore, SamplingParams
+from kvmesh.engine import EngineConfig
+from kvmesh.engine.torch_engine import TorchCore
+from kvmesh.sampling import SamplingParams
 from kvmesh.up import Child, Mesh
 from tests.e2e.mesh import children, grpc_channel, metric, running_mesh
 from tests.helpers import generate
@@ -56,7 +58,7 @@ async def sse_text(
 
 
 async def test_sigkill_of_the_decode_worker_mid_stream_migrates(mesh: Mesh) -> None:
-    reference = EngineCore(EngineConfig(model="smollm2", device="cpu"), show_progress=False)
+    reference = TorchCore(EngineConfig(model="smollm2", device="cpu"), show_progress=False)
     tokenizer = reference.tokenizer
     assert tokenizer is not None
     question = "Write a long story about a dragon who learns to bake bread."

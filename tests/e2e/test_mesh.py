@@ -12,8 +12,10 @@ from openai import AsyncOpenAI
 
 from kvmesh.api.v1 import worker_pb2, worker_pb2_grpc
 from kvmesh.bench.prompts import CHAT_PROMPTS
-from kvmesh.engine import EngineConfig, EngineCore, SamplingParams
+from kvmesh.engine import EngineConfig
+from kvmesh.engine.torch_engine import TorchCore
 from kvmesh.kv.hashing import hash_blocks, root_hash
+from kvmesh.sampling import SamplingParams
 from kvmesh.up import Mesh
 from tests.e2e.mesh import children, grpc_channel, metric, running_mesh
 from tests.helpers import generate
@@ -30,12 +32,12 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Mesh]:
 
 
 @pytest.fixture(scope="module")
-def reference() -> EngineCore:
-    return EngineCore(EngineConfig(model="smollm2", device="cpu"), show_progress=False)
+def reference() -> TorchCore:
+    return TorchCore(EngineConfig(model="smollm2", device="cpu"), show_progress=False)
 
 
 @pytest.fixture(scope="module")
-def expected_texts(reference: EngineCore) -> list[str]:
+def expected_texts(reference: TorchCore) -> list[str]:
     tokenizer = reference.tokenizer
     assert tokenizer is not None
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in PROMPTS]
@@ -75,7 +77,7 @@ async def test_openai_client_chat_matches_the_engines_greedy_output(
         assert streamed == expected
 
 
-async def test_openai_client_completions(mesh: Mesh, reference: EngineCore) -> None:
+async def test_openai_client_completions(mesh: Mesh, reference: TorchCore) -> None:
     tokenizer = reference.tokenizer
     assert tokenizer is not None
     text = "The capital of France is"
@@ -93,7 +95,7 @@ async def test_openai_client_completions(mesh: Mesh, reference: EngineCore) -> N
     assert streamed == expected
 
 
-async def test_the_kv_moved_instead_of_being_recomputed(mesh: Mesh, reference: EngineCore) -> None:
+async def test_the_kv_moved_instead_of_being_recomputed(mesh: Mesh, reference: TorchCore) -> None:
     (decode,) = children(mesh, "decode")
     unique = "Describe, in a few words, the colour of a ripe lemon and of a clear sky at noon."
     tokenizer = reference.tokenizer

@@ -17,10 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from kvmesh import models
 from kvmesh.bench.accuracy import check_accuracy
 from kvmesh.bench.prompts import chat_prompt_ids
-from kvmesh.engine import EngineConfig, EngineCore, GenerateRequest, SamplingParams, loader
-from kvmesh.engine.errors import ModelNotFoundError
+from kvmesh.engine import EngineConfig
+from kvmesh.engine.torch_engine import TorchCore
+from kvmesh.errors import ModelNotFoundError
+from kvmesh.sampling import SamplingParams
+from kvmesh.types import GenerateRequest
 from tests.helpers import generate, run_until_idle, tokens_by_request
 
 pytestmark = pytest.mark.skipif(
@@ -32,7 +36,7 @@ def _smollm2_spec() -> tuple[str, bool]:
     """The real SmolLM2 weights where present (KVMESH_GPU_MODEL or the package), else dummy."""
     spec = os.environ.get("KVMESH_GPU_MODEL", "smollm2")
     try:
-        loader.resolve(spec)
+        models.resolve(spec)
     except ModelNotFoundError:
         return "dummy:smollm2-135m", False
     return spec, True
@@ -44,18 +48,22 @@ def _report(name: str, data: dict[str, object]) -> None:
         Path(directory, f"{name}.json").write_text(json.dumps(data, indent=2, default=str))
 
 
-def _free(core: EngineCore) -> None:
+def _free(core: TorchCore) -> None:
     del core
     gc.collect()
     torch.cuda.empty_cache()
 
 
-def test_bf16_logits_and_greedy_tokens_agree_with_transformers() -> None:
+@pytest.mark.parametrize("backend", ["sdpa", "paged", "triton"])
+def test_bf16_logits_and_greedy_tokens_agree_with_transformers(backend: str) -> None:
     spec, real = _smollm2_spec()
-    core = EngineCore(EngineConfig(model=spec, device="cuda", num_blocks=4096), show_progress=False)
+    config = EngineConfig(model=spec, device="cuda", num_blocks=4096, attention_backend=backend)
+    core = TorchCore(config, show_progress=False)
+    core.warm_up()
     assert core.info.dtype == "bfloat16"
+    assert core.info.attention_backend == backend
     report = check_accuracy(core, chat_prompt_ids(core, 20), greedy_tokens=16, fp32_reference=True)
-    _report("gpu_accuracy", {"real_weights": real, **report.as_dict()})
+    _report(f"gpu_accuracy_{backend}", {"real_weights": real, **report.as_dict()})
     assert report.engine_vs_fp32_max_abs_diff is not None
     assert report.transformers_vs_fp32_max_abs_diff is not None
     assert report.engine_vs_fp32_mean_abs_diff is not None
@@ -71,8 +79,8 @@ def test_bf16_logits_and_greedy_tokens_agree_with_transformers() -> None:
 def test_disaggregated_copy_on_cuda_gives_the_same_tokens() -> None:
     config = EngineConfig(model="dummy:llama-tiny", device="cuda", block_size=16, num_blocks=64)
     prefill, decode = (
-        EngineCore(config, show_progress=False),
-        EngineCore(config, show_progress=False),
+        TorchCore(config, show_progress=False),
+        TorchCore(config, show_progress=False),
     )
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     prompt = list(range(10, 60))
@@ -93,7 +101,7 @@ def test_disaggregated_copy_on_cuda_gives_the_same_tokens() -> None:
 
 
 def test_llama_8b_shaped_model_runs_32_concurrent_decodes() -> None:
-    core = EngineCore(
+    core = TorchCore(
         EngineConfig(model="dummy:llama-3.1-8b", device="cuda", max_num_seqs=64),
         show_progress=False,
     )
@@ -111,4 +119,56 @@ def test_llama_8b_shaped_model_runs_32_concurrent_decodes() -> None:
     assert sorted(len(t) for t in tokens.values()) == [48] * 32
     assert core.is_idle_and_whole()
     _report("gpu_8b_concurrency", {"sequences": 32, "most_running": most_running})
+    _free(core)
+
+
+def test_triton_backend_gives_the_sdpa_backend_tokens_in_float32() -> None:
+    """Ragged batch, prefix hits and chunked prefill through the kernels and the CUDA graphs:
+    the same greedy tokens as the sdpa backend (float32, where rounding cannot flip a token)."""
+    rng = torch.Generator().manual_seed(3)
+    shared = torch.randint(10, 200, (48,), generator=rng).tolist()
+    prompts = [shared + torch.randint(10, 200, (n,), generator=rng).tolist() for n in (3, 17, 40)]
+    prompts += [torch.randint(10, 200, (n,), generator=rng).tolist() for n in (1, 15, 16, 70)]
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    results = {}
+    for backend in ("sdpa", "triton"):
+        config = EngineConfig(
+            model="dummy:llama-tiny",
+            device="cuda",
+            dtype="float32",
+            block_size=16,
+            num_blocks=256,
+            max_num_batched_tokens=32,  # long prompts are chunked
+            attention_backend=backend,
+        )
+        core = TorchCore(config, show_progress=False)
+        core.warm_up()
+        results[backend] = generate(core, prompts, params)
+        assert core.info.cuda_graphs == (backend == "triton")
+        assert core.stats.num_prefix_hit_tokens > 0
+        assert core.is_idle_and_whole()
+        _free(core)
+    assert results["triton"] == results["sdpa"]
+
+
+def test_cuda_graph_replay_equals_eager_execution_bitwise() -> None:
+    from kvmesh.engine.attention.common import SequenceSlice
+
+    config = EngineConfig(model="dummy:smollm2-135m", device="cuda", num_blocks=1024)
+    core = TorchCore(config, show_progress=False)
+    core.warm_up()
+    graphs = core.runner.graphs
+    assert graphs is not None
+    rng = torch.Generator().manual_seed(5)
+    lens = [int(n) for n in torch.randint(1, 700, (7,), generator=rng)]
+    blocks = [core.pool.allocate(-(-(n + 1) // 16)) for n in lens]
+    # Real K/V in the cache for every context.
+    core.kv_cache.tensor.normal_(0, 1, generator=torch.Generator("cuda").manual_seed(1))
+    slices = [SequenceSlice(1, n, b) for n, b in zip(lens, blocks, strict=True)]
+    ids = torch.randint(10, 1000, (7,), generator=rng).tolist()
+    replayed = graphs.run(ids, lens, slices).clone()
+    eager = graphs.eager(ids, lens, slices)
+    assert torch.equal(replayed, eager)
+    for b in blocks:
+        core.pool.release(b)
     _free(core)

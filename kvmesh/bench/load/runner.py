@@ -96,15 +96,15 @@ async def _run_until_sigint(config: BenchConfig) -> BenchResult:
 def _load_tokenizer(config: BenchConfig) -> Tokenizer | None:
     if config.prompt_format != "text":
         return None
-    from kvmesh.engine.errors import EngineError
+    from kvmesh.errors import EngineError
     from kvmesh.text import load_tokenizer
 
     path = config.tokenizer
     if path is None:
-        from kvmesh.engine import loader
+        from kvmesh import models
 
         try:
-            path = str(loader.resolve(DEFAULT_TOKENIZER_MODEL).tokenizer_dir)
+            path = str(models.resolve(DEFAULT_TOKENIZER_MODEL).tokenizer_dir)
         except EngineError as e:
             raise ConfigError(f"no default tokenizer ({e}); give --tokenizer DIR") from e
     try:

@@ -21,9 +21,7 @@ may write other blocks of the same tensor meanwhile, never the blocks a transfer
 
 Security: `KvRegion.metadata` is deserialized by NIXL with pickle. Accept it only from
 authenticated mesh peers (`KvTransfer.GetAgentMetadata` behind mesh auth/TLS), never from a client.
+
+The agent is `kvmesh.kv.transfer.agent.KvTransferAgent` (it loads torch and NIXL); the records
+it exchanges are in the torch-free `kvmesh.kv.transfer.types`. This package imports neither.
 """
-
-from kvmesh.kv.transfer.agent import KvTransferAgent
-from kvmesh.kv.transfer.types import KvRegion, TransferResult, TransferStats
-
-__all__ = ["KvRegion", "KvTransferAgent", "TransferResult", "TransferStats"]

@@ -9,7 +9,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 import pytest
 
 from kvmesh.discovery import Discovery
-from kvmesh.engine.errors import InvalidRequestError
+from kvmesh.errors import InvalidRequestError
 from services.autoscaler.policy import Policy
 from services.autoscaler.store import POLICY_PREFIX, PolicyStore, StoredPolicyError
 from tests.integration.discovery_backends import embedded

@@ -7,20 +7,23 @@ from typing import Any
 import pytest
 
 from kvmesh.bench.reference import engine_logits, reference_logits, transformers_greedy
-from kvmesh.engine import EngineConfig, EngineCore, GenerateRequest, PrefillOutput, SamplingParams
+from kvmesh.engine import EngineConfig
+from kvmesh.engine.torch_engine import TorchCore
+from kvmesh.sampling import SamplingParams
+from kvmesh.types import GenerateRequest, PrefillOutput
 from tests.helpers import generate, generate_one_at_a_time, run_until_idle, tokens_by_request
 
 GREEDY_32 = SamplingParams(max_tokens=32, temperature=0.0)
 
 
 @pytest.fixture(autouse=True)
-def _pool_is_whole_after_each_test(smollm2: EngineCore):  # type: ignore[no-untyped-def]
+def _pool_is_whole_after_each_test(smollm2: TorchCore):  # type: ignore[no-untyped-def]
     yield
     assert smollm2.is_idle_and_whole()
 
 
 @pytest.fixture(scope="module")
-def one_at_a_time(smollm2: EngineCore, chat_prompts: list[list[int]]) -> list[list[int]]:
+def one_at_a_time(smollm2: TorchCore, chat_prompts: list[list[int]]) -> list[list[int]]:
     return generate_one_at_a_time(smollm2, chat_prompts, GREEDY_32)
 
 
@@ -33,7 +36,7 @@ def test_greedy_tokens_match_transformers(
 
 
 def test_first_step_logits_match_transformers(
-    smollm2: EngineCore, hf_smollm2: Any, chat_prompts: list[list[int]]
+    smollm2: TorchCore, hf_smollm2: Any, chat_prompts: list[list[int]]
 ) -> None:
     for prompt in chat_prompts:
         ours = engine_logits(smollm2, prompt)[-1]
@@ -42,12 +45,12 @@ def test_first_step_logits_match_transformers(
 
 
 def test_batching_does_not_change_greedy_tokens(
-    smollm2: EngineCore, chat_prompts: list[list[int]], one_at_a_time: list[list[int]]
+    smollm2: TorchCore, chat_prompts: list[list[int]], one_at_a_time: list[list[int]]
 ) -> None:
     assert generate(smollm2, chat_prompts, GREEDY_32) == one_at_a_time
 
 
-def _prompt_with_prefix(smollm2: EngineCore, prefix_len: int, question: str) -> list[int]:
+def _prompt_with_prefix(smollm2: TorchCore, prefix_len: int, question: str) -> list[int]:
     tokenizer = smollm2.tokenizer
     assert tokenizer is not None
     story = " ".join(f"Line {i}: the quick brown fox jumps over the lazy dog." for i in range(60))
@@ -55,7 +58,7 @@ def _prompt_with_prefix(smollm2: EngineCore, prefix_len: int, question: str) -> 
     return prefix + tokenizer.encode(f"\nQuestion: {question}\nAnswer:")
 
 
-def test_a_shared_256_token_prefix_is_not_computed_again(smollm2: EngineCore) -> None:
+def test_a_shared_256_token_prefix_is_not_computed_again(smollm2: TorchCore) -> None:
     first = _prompt_with_prefix(smollm2, 256, "What animal jumps?")
     second = _prompt_with_prefix(smollm2, 256, "Which animal is lazy?")
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
@@ -75,13 +78,13 @@ def test_a_shared_256_token_prefix_is_not_computed_again(smollm2: EngineCore) ->
 
 
 @pytest.fixture(scope="module")
-def decode_engine() -> EngineCore:
-    return EngineCore(EngineConfig(model="smollm2", device="cpu"), show_progress=False)
+def decode_engine() -> TorchCore:
+    return TorchCore(EngineConfig(model="smollm2", device="cpu"), show_progress=False)
 
 
 def test_prefill_on_one_engine_decode_on_another(
-    smollm2: EngineCore,
-    decode_engine: EngineCore,
+    smollm2: TorchCore,
+    decode_engine: TorchCore,
     chat_prompts: list[list[int]],
     one_at_a_time: list[list[int]],
 ) -> None:
@@ -112,11 +115,11 @@ def test_prefill_on_one_engine_decode_on_another(
 
 def test_preemption_on_a_small_pool_keeps_results(chat_prompts: list[list[int]]) -> None:
     prompts = chat_prompts[:4]
-    small = EngineCore(
+    small = TorchCore(
         EngineConfig(model="smollm2", device="cpu", num_blocks=16), show_progress=False
     )
     params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
-    reference = EngineCore(EngineConfig(model="smollm2", device="cpu"), show_progress=False)
+    reference = TorchCore(EngineConfig(model="smollm2", device="cpu"), show_progress=False)
     assert generate(small, prompts, params) == generate(reference, prompts, params)
     assert small.stats.num_preemptions > 0
     assert small.is_idle_and_whole()

@@ -6,13 +6,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from kvmesh.engine import (
-    EngineConfig,
-    FinishReason,
-    GenerateRequest,
-    SamplingParams,
-    TorchEngine,
-)
+from kvmesh.engine import EngineConfig
+from kvmesh.engine.torch_engine import TorchEngine
+from kvmesh.sampling import SamplingParams
+from kvmesh.types import FinishReason, GenerateRequest
 
 
 @pytest.fixture(scope="module")

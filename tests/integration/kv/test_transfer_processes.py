@@ -17,7 +17,10 @@ from typing import Any
 import pytest
 import torch
 
-from kvmesh.kv import KvRegion, KvTransferAgent, PagedKvCache, TransferError
+from kvmesh.kv.cache import PagedKvCache
+from kvmesh.kv.errors import TransferError
+from kvmesh.kv.transfer.agent import KvTransferAgent
+from kvmesh.kv.transfer.types import KvRegion
 from tests.integration.kv.transfer_peer import LAYOUT, block_pattern, region_from_json
 
 REPO_ROOT = Path(__file__).resolve().parents[3]

@@ -19,7 +19,9 @@ from typing import Any
 
 import torch
 
-from kvmesh.kv import KvLayout, KvRegion, KvTransferAgent, PagedKvCache
+from kvmesh.kv.cache import KvLayout, PagedKvCache
+from kvmesh.kv.transfer.agent import KvTransferAgent
+from kvmesh.kv.transfer.types import KvRegion
 from kvmesh.telemetry import configure_logging
 
 LAYOUT = KvLayout(num_layers=2, num_kv_heads=2, head_dim=8, block_size=4, dtype=torch.float32)

@@ -15,7 +15,7 @@ import asyncio
 from typing import Any
 
 from kvmesh.api.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from kvmesh.engine.errors import InvalidRequestError
+from kvmesh.errors import InvalidRequestError
 from kvmesh.rpc import ServerConfig, ServiceBinding
 from kvmesh.rpc.service import ServiceSpec, run_service
 from kvmesh.telemetry import configure_logging

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from kvmesh.api.v1 import common_pb2
-from kvmesh.engine.errors import InvalidRequestError
+from kvmesh.errors import InvalidRequestError
 from services.autoscaler.decide import Decision, LatencySample, Observation, Scaler
 from services.autoscaler.policy import Policy
 

@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from kvmesh.api.v1 import autoscaler_pb2, common_pb2
-from kvmesh.engine.errors import InvalidRequestError
+from kvmesh.errors import InvalidRequestError
 from kvmesh.rpc.errors import status_of
 from services.autoscaler.policy import Policy, tier_from_proto, tier_to_proto
 

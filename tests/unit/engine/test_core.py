@@ -9,26 +9,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvmesh.engine import (
-    EngineConfig,
-    EngineCore,
-    FinishReason,
-    GenerateRequest,
-    InvalidRequestError,
-    ModelNotFoundError,
-    PrefillOutput,
-    SamplingParams,
-    TokenOutput,
-    UnknownRequestError,
-    loader,
-)
+from kvmesh import models
+from kvmesh.engine import EngineConfig
+from kvmesh.engine.torch_engine import TorchCore
+from kvmesh.errors import InvalidRequestError, ModelNotFoundError, UnknownRequestError
+from kvmesh.kv.errors import LayoutMismatchError
 from kvmesh.kv.events import BlockRemoved, BlockStored
+from kvmesh.sampling import SamplingParams
+from kvmesh.types import FinishReason, GenerateRequest, PrefillOutput, TokenOutput
 from tests.helpers import generate, generate_one_at_a_time, run_until_idle, tokens_by_request
 
 NO_EOS = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
 
-PRESETS = Path(loader.__file__).parent / "presets"
+PRESETS = Path(models.__file__).parent / "engine" / "presets"
 
 
 def tiny_config_path(name: str, tmp_path: Path) -> Path:
@@ -48,7 +42,7 @@ def tiny_config_path(name: str, tmp_path: Path) -> Path:
     return PRESETS / f"{name}.json"
 
 
-def tiny(**overrides: object) -> EngineCore:
+def tiny(**overrides: object) -> TorchCore:
     settings: dict[str, object] = {
         "model": "dummy:llama-tiny",
         "device": "cpu",
@@ -57,7 +51,7 @@ def tiny(**overrides: object) -> EngineCore:
         "max_num_batched_tokens": 64,
     }
     settings.update(overrides)
-    return EngineCore(EngineConfig(**settings), show_progress=False)  # type: ignore[arg-type]
+    return TorchCore(EngineConfig(**settings), show_progress=False)  # type: ignore[arg-type]
 
 
 def prompts(n: int, *, seed: int = 0, low: int = 3, high: int = 30) -> list[list[int]]:
@@ -66,17 +60,17 @@ def prompts(n: int, *, seed: int = 0, low: int = 3, high: int = 30) -> list[list
 
 
 @pytest.fixture(scope="module")
-def core() -> EngineCore:
+def core() -> TorchCore:
     return tiny()
 
 
 @pytest.fixture(autouse=True)
-def _pool_is_whole_after_each_test(core: EngineCore):  # type: ignore[no-untyped-def]
+def _pool_is_whole_after_each_test(core: TorchCore):  # type: ignore[no-untyped-def]
     yield
     assert core.is_idle_and_whole(), "a test left requests, pins or referenced blocks behind"
 
 
-def test_batching_does_not_change_greedy_tokens(core: EngineCore) -> None:
+def test_batching_does_not_change_greedy_tokens(core: TorchCore) -> None:
     batch = prompts(8)
     together = generate(core, batch, NO_EOS)
     alone = generate_one_at_a_time(core, batch, NO_EOS)
@@ -89,19 +83,19 @@ def test_chunked_prefill_gives_the_same_tokens() -> None:
     whole = generate(tiny(max_num_batched_tokens=256), batch, NO_EOS)
     chunked_core = tiny(max_num_batched_tokens=7)
     step_sizes: list[int] = []
-    run = chunked_core.runner.run
+    run = chunked_core.runner.execute
 
     def recording_run(chunks):  # type: ignore[no-untyped-def]
         step_sizes.append(sum(c.num_tokens for c in chunks))
         return run(chunks)
 
-    chunked_core.runner.run = recording_run  # type: ignore[method-assign]
+    chunked_core.runner.execute = recording_run  # type: ignore[method-assign]
     assert generate(chunked_core, batch, NO_EOS) == whole
     assert max(step_sizes) == 7
     assert step_sizes.count(7) >= sum(len(p) for p in batch) // 7 - 1
 
 
-def test_prefix_cache_computes_only_new_tokens(core: EngineCore) -> None:
+def test_prefix_cache_computes_only_new_tokens(core: TorchCore) -> None:
     shared = prompts(1, seed=5, low=32, high=32)[0]  # 8 full blocks of 4
     first = shared + [7, 8, 9]
     second = shared + [11, 12, 13, 14, 15]
@@ -114,7 +108,7 @@ def test_prefix_cache_computes_only_new_tokens(core: EngineCore) -> None:
     assert generate(core, [second], NO_EOS)[0] == cached
 
 
-def test_prompts_sharing_a_prefix_submitted_together_compute_it_once(core: EngineCore) -> None:
+def test_prompts_sharing_a_prefix_submitted_together_compute_it_once(core: TorchCore) -> None:
     shared = prompts(1, seed=7, low=32, high=32)[0]  # 8 full blocks of 4
     batch = [shared + [7, 8, 9], shared + [11, 12, 13, 14, 15], shared + [21, 22]]
     expected = generate_one_at_a_time(core, batch, NO_EOS)
@@ -127,7 +121,7 @@ def test_prompts_sharing_a_prefix_submitted_together_compute_it_once(core: Engin
     assert core.scheduler.num_deferred >= 2
 
 
-def test_a_fully_cached_prompt_still_computes_its_last_token(core: EngineCore) -> None:
+def test_a_fully_cached_prompt_still_computes_its_last_token(core: TorchCore) -> None:
     prompt = prompts(1, seed=6, low=16, high=16)[0]  # exactly 4 blocks
     expected = generate(core, [prompt], NO_EOS)[0]
     before = core.stats.num_computed_tokens
@@ -164,7 +158,7 @@ def test_random_load_on_a_small_pool_always_finishes() -> None:
     assert small.is_idle_and_whole()
 
 
-def test_prefill_export_then_import_on_another_engine(core: EngineCore) -> None:
+def test_prefill_export_then_import_on_another_engine(core: TorchCore) -> None:
     decode = tiny()
     prompt = prompts(1, seed=9, low=22, high=22)[0]
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
@@ -182,8 +176,8 @@ def test_prefill_export_then_import_on_another_engine(core: EngineCore) -> None:
 
 
 def _disaggregated(
-    prefill: EngineCore,
-    decode: EngineCore,
+    prefill: TorchCore,
+    decode: TorchCore,
     request_id: str,
     prompt: list[int],
     params: SamplingParams,
@@ -201,7 +195,7 @@ def _disaggregated(
     return result.first.token_ids + rest, len(plan.blocks_to_fill)
 
 
-def test_prefill_that_finishes_at_once_exports_nothing(core: EngineCore) -> None:
+def test_prefill_that_finishes_at_once_exports_nothing(core: TorchCore) -> None:
     core.add(GenerateRequest("p1", (5, 6, 7), SamplingParams(max_tokens=1)), prefill_only=True)
     (result,) = run_until_idle(core)
     assert isinstance(result, PrefillOutput)
@@ -209,13 +203,13 @@ def test_prefill_that_finishes_at_once_exports_nothing(core: EngineCore) -> None
     assert result.first.finish_reason is FinishReason.LENGTH
 
 
-def test_import_rejects_a_mismatched_export(core: EngineCore) -> None:
+def test_import_rejects_a_mismatched_export(core: TorchCore) -> None:
     other = tiny(block_size=8)
     request = GenerateRequest("m1", (5, 6, 7, 8, 9), NO_EOS)
     other.add(request, prefill_only=True)
     (result,) = run_until_idle(other)
     assert isinstance(result, PrefillOutput) and result.export is not None
-    with pytest.raises(InvalidRequestError, match="block size"):
+    with pytest.raises(LayoutMismatchError, match="block size 8 vs 4"):
         core.reserve_import(request, result.export)
     other.release_export("m1")
     with pytest.raises(UnknownRequestError):
@@ -224,7 +218,7 @@ def test_import_rejects_a_mismatched_export(core: EngineCore) -> None:
         core.start_import("never-reserved", 5)
 
 
-def test_abort_frees_waiting_running_exported_and_reserved(core: EngineCore) -> None:
+def test_abort_frees_waiting_running_exported_and_reserved(core: TorchCore) -> None:
     core.add(GenerateRequest("a-run", tuple(range(3, 20)), NO_EOS))
     core.step()
     core.add(GenerateRequest("a-wait", tuple(range(3, 20)), NO_EOS))
@@ -263,14 +257,14 @@ def test_abort_frees_waiting_running_exported_and_reserved(core: EngineCore) -> 
     ],
 )
 def test_bad_input_is_refused_and_the_engine_keeps_serving(
-    core: EngineCore, prompt: tuple[int, ...], params: SamplingParams, message: str
+    core: TorchCore, prompt: tuple[int, ...], params: SamplingParams, message: str
 ) -> None:
     with pytest.raises(InvalidRequestError, match=message):
         core.add(GenerateRequest("bad", prompt, params))
     assert generate(core, [[5, 6, 7]], NO_EOS)[0]
 
 
-def test_duplicate_request_ids_are_refused(core: EngineCore) -> None:
+def test_duplicate_request_ids_are_refused(core: TorchCore) -> None:
     core.add(GenerateRequest("dup", (5, 6), NO_EOS))
     with pytest.raises(InvalidRequestError, match="already in use"):
         core.add(GenerateRequest("dup", (5, 6), NO_EOS))
@@ -279,12 +273,12 @@ def test_duplicate_request_ids_are_refused(core: EngineCore) -> None:
 
 def test_missing_model_path_is_a_typed_error() -> None:
     with pytest.raises(ModelNotFoundError, match="not found"):
-        EngineCore(EngineConfig(model="/no/such/model"), show_progress=False)
+        TorchCore(EngineConfig(model="/no/such/model"), show_progress=False)
     with pytest.raises(ModelNotFoundError, match="no dummy preset"):
-        EngineCore(EngineConfig(model="dummy:no-such-preset"), show_progress=False)
+        TorchCore(EngineConfig(model="dummy:no-such-preset"), show_progress=False)
 
 
-def test_finish_reasons(core: EngineCore) -> None:
+def test_finish_reasons(core: TorchCore) -> None:
     prompt = [5, 6, 7, 8]
     free_run = generate(core, [prompt], NO_EOS)[0]
     stop_at = free_run[3]
@@ -303,7 +297,7 @@ def test_finish_reasons(core: EngineCore) -> None:
     assert final.num_output_tokens == 3
 
 
-def test_eos_stops_unless_ignored(core: EngineCore) -> None:
+def test_eos_stops_unless_ignored(core: TorchCore) -> None:
     prompt = [5, 6, 7, 8]
     first = generate(core, [prompt], NO_EOS)[0][0]
     eos_core = tiny(num_blocks=32)
@@ -312,7 +306,7 @@ def test_eos_stops_unless_ignored(core: EngineCore) -> None:
     assert len(generate(eos_core, [prompt], SamplingParams(8, 0.0, ignore_eos=True))[0]) == 8
 
 
-def test_seeded_sampling_is_reproducible_whatever_the_batch(core: EngineCore) -> None:
+def test_seeded_sampling_is_reproducible_whatever_the_batch(core: TorchCore) -> None:
     sampled = SamplingParams(
         max_tokens=16, temperature=1.0, top_p=0.9, top_k=50, seed=1234, ignore_eos=True
     )
@@ -324,7 +318,7 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(core: EngineCore) ->
     assert generate(core, [prompt], other_seed)[0] != alone
 
 
-def test_logprobs(core: EngineCore) -> None:
+def test_logprobs(core: TorchCore) -> None:
     params = SamplingParams(
         max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=True, top_logprobs=3
     )
@@ -358,7 +352,7 @@ def test_kv_events_report_what_the_cache_gains_and_loses() -> None:
     assert any(isinstance(e, BlockRemoved) for e in later.events)
 
 
-def test_load_snapshot_counts_requests_and_blocks(core: EngineCore) -> None:
+def test_load_snapshot_counts_requests_and_blocks(core: TorchCore) -> None:
     core.add(GenerateRequest("l1", tuple(range(300, 310)), NO_EOS))  # nothing cached yet
     core.add(GenerateRequest("l2", tuple(range(400, 406)), NO_EOS))
     load = core.load()
@@ -378,7 +372,7 @@ def test_logits_match_transformers_with_the_same_weights(preset: str, tmp_path) 
     from kvmesh.bench.reference import reference_logits
 
     spec = f"dummy:{tiny_config_path(preset, tmp_path)}"
-    engine = EngineCore(
+    engine = TorchCore(
         EngineConfig(model=spec, device="cpu", block_size=4, num_blocks=64), show_progress=False
     )
     prompt = list(range(5, 45))
@@ -387,7 +381,7 @@ def test_logits_match_transformers_with_the_same_weights(preset: str, tmp_path) 
     assert torch.allclose(ours, theirs, atol=1e-4, rtol=0), (ours - theirs).abs().max()
 
 
-def _prompt_logits(core: EngineCore, prompt: list[int]) -> torch.Tensor:
+def _prompt_logits(core: TorchCore, prompt: list[int]) -> torch.Tensor:
     from kvmesh.bench.reference import engine_logits
 
     return engine_logits(core, prompt)

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from kvmesh.engine.errors import InvalidRequestError
-from kvmesh.engine.sampling import SamplerRow, SamplingParams, make_generator, sample
+from kvmesh.engine.sampling import SamplerRow, make_generator, sample
+from kvmesh.errors import InvalidRequestError
+from kvmesh.sampling import SamplingParams
 
 
 def rows(params: SamplingParams, n: int = 1) -> list[SamplerRow]:

@@ -7,17 +7,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from kvmesh.engine import (
-    Engine,
-    EngineConfig,
-    EngineStoppedError,
-    FinishReason,
-    GenerateRequest,
-    InvalidRequestError,
-    SamplingParams,
-    TorchEngine,
-    UnknownRequestError,
-)
+from kvmesh.engine import Engine, EngineConfig
+from kvmesh.engine.torch_engine import TorchEngine
+from kvmesh.errors import InvalidRequestError, StoppedError, UnknownRequestError
+from kvmesh.sampling import SamplingParams
+from kvmesh.types import FinishReason, GenerateRequest
 
 PARAMS = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 TINY = EngineConfig(model="dummy:llama-tiny", device="cpu", block_size=4, num_blocks=64)
@@ -120,7 +114,7 @@ async def test_prefill_then_import_on_another_engine_gives_the_same_tokens(
         assert prefilled.export is not None
         plan = await decode.reserve_import(request, prefilled.export)
         source = prefilled.export.block_ids[plan.num_cached_blocks :]
-        decode.kv_cache.write_blocks(plan.blocks_to_fill, engine.kv_cache.read_blocks(source))
+        decode.kv_region().write_blocks(plan.blocks_to_fill, engine.kv_region().read_blocks(source))
         await engine.release_export("split")
         tokens = list(prefilled.first.token_ids)
         async for out in decode.generate_imported(plan, tokens[0]):
@@ -150,10 +144,10 @@ async def test_stop_ends_open_streams_with_a_typed_error() -> None:
     stream = engine.generate(GenerateRequest("cut", (5, 6, 7), long))
     await stream.__anext__()
     await engine.stop()
-    with pytest.raises(EngineStoppedError):
+    with pytest.raises(StoppedError):
         async for _ in stream:
             pass
-    with pytest.raises(EngineStoppedError):
+    with pytest.raises(StoppedError):
         await collect(engine, GenerateRequest("after", (5, 6), PARAMS))
 
 

@@ -10,13 +10,9 @@ from collections.abc import AsyncIterator
 import pytest
 import torch
 
-from kvmesh.kv import (
-    KvLayout,
-    KvTransferAgent,
-    LayoutMismatchError,
-    PagedKvCache,
-    TransferError,
-)
+from kvmesh.kv.cache import KvLayout, PagedKvCache
+from kvmesh.kv.errors import LayoutMismatchError, TransferError
+from kvmesh.kv.transfer.agent import KvTransferAgent
 
 LAYOUT = KvLayout(num_layers=2, num_kv_heads=2, head_dim=8, block_size=4, dtype=torch.float32)
 NUM_BLOCKS = 16

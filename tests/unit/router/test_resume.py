@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import pytest
 
 from kvmesh.api.v1 import common_pb2
-from kvmesh.engine.errors import InvalidRequestError
-from kvmesh.engine.sampling import SamplingParams
+from kvmesh.errors import InvalidRequestError
+from kvmesh.sampling import SamplingParams
 from kvmesh.text import Tokenizer
 from services.router.servicer import validate_resumed
 from services.router.stream import RequestStream

@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 
 from kvmesh.api.v1 import common_pb2, generation_pb2
-from kvmesh.engine.errors import InvalidRequestError
-from kvmesh.engine.sampling import SamplingParams
+from kvmesh.errors import InvalidRequestError
+from kvmesh.sampling import SamplingParams
 from services.router.args import RouterConfig
 from services.router.servicer import GenerationServicer
 from services.router.stream import RequestStream

@@ -1,12 +1,12 @@
 import grpc
 import pytest
 
-from kvmesh.engine import errors as engine
+from kvmesh import errors
+from kvmesh.errors import AuthenticationError
 from kvmesh.kv import errors as kv
 from kvmesh.rpc.auth import TokenAuthenticator, bearer
 from kvmesh.rpc.channels import IDEMPOTENT_METHODS, service_config
 from kvmesh.rpc.errors import (
-    AuthenticationError,
     FailedPreconditionError,
     InternalError,
     ResourceExhaustedError,
@@ -19,14 +19,14 @@ from kvmesh.rpc.errors import (
 @pytest.mark.parametrize(
     ("exc", "code"),
     [
-        (engine.InvalidRequestError("x"), grpc.StatusCode.INVALID_ARGUMENT),
+        (errors.InvalidRequestError("x"), grpc.StatusCode.INVALID_ARGUMENT),
         (kv.InvalidTokenError("x"), grpc.StatusCode.INVALID_ARGUMENT),
-        (engine.ModelNotFoundError("x"), grpc.StatusCode.NOT_FOUND),
-        (engine.ModelLoadError("x"), grpc.StatusCode.FAILED_PRECONDITION),
-        (engine.UnknownRequestError("x"), grpc.StatusCode.FAILED_PRECONDITION),
+        (errors.ModelNotFoundError("x"), grpc.StatusCode.NOT_FOUND),
+        (errors.ModelLoadError("x"), grpc.StatusCode.FAILED_PRECONDITION),
+        (errors.UnknownRequestError("x"), grpc.StatusCode.FAILED_PRECONDITION),
         (kv.LayoutMismatchError("x"), grpc.StatusCode.FAILED_PRECONDITION),
-        (engine.EngineOverloadedError("x"), grpc.StatusCode.RESOURCE_EXHAUSTED),
-        (engine.EngineStoppedError("x"), grpc.StatusCode.UNAVAILABLE),
+        (errors.OverloadedError("x"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (errors.StoppedError("x"), grpc.StatusCode.UNAVAILABLE),
         (AuthenticationError("x"), grpc.StatusCode.UNAUTHENTICATED),
         (UnavailableError("downstream"), grpc.StatusCode.UNAVAILABLE),
     ],

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from kvmesh.engine.errors import InvalidRequestError
-from kvmesh.engine.sampling import SamplingParams
+from kvmesh.errors import InvalidRequestError
+from kvmesh.sampling import SamplingParams
 
 
 def validate_request(

@@ -1,11 +1,14 @@
-"""The records that cross the engine boundary: requests, streamed outputs, KV handles, load."""
+"""The records that cross the engine boundary: requests, streamed outputs, KV handles, load.
+
+Torch-free: workers, the router and the edge share them without loading an engine.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
 
-from kvmesh.engine.sampling import SamplingParams, TokenLogprob
+from kvmesh.sampling import SamplingParams, TokenLogprob
 
 
 class FinishReason(str, Enum):
@@ -77,10 +80,12 @@ class KvImportPlan:
     num_tokens: int
     block_size: int
     layout_fingerprint: str
+    filled_by_engine: bool = False  # TransferMode.ENGINE: the engine already moved the KV
 
     @property
     def blocks_to_fill(self) -> tuple[int, ...]:
-        return self.block_ids[self.num_cached_blocks :]
+        """The blocks kvmesh's transfer agent must fill (none when the engine moved the KV)."""
+        return () if self.filled_by_engine else self.block_ids[self.num_cached_blocks :]
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,12 +117,18 @@ class EngineStats:
 
 @dataclass(frozen=True, slots=True)
 class EngineInfo:
+    """What an engine is and can do: the worker registers it, routers pair tiers by it."""
+
+    engine: str  # its registry name: "torch", "sim", a plug-in's
     model_id: str
     block_size: int
     num_blocks: int
-    layout_fingerprint: str
+    layout_fingerprint: str  # equal fingerprints: blocks copy byte for byte between engines
     max_model_len: int
     vocab_size: int
     device: str
-    dtype: str
+    dtype: str  # weights and activations
+    kv_dtype: str  # the KV cache's
+    attention_backend: str
     transfer_mode: TransferMode
+    cuda_graphs: bool = False

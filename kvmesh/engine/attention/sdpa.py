@@ -1,6 +1,6 @@
-"""Attention that reads K/V through block tables (the reference implementation, pure PyTorch).
+"""The `sdpa` backend: gathers each context from the cache and calls PyTorch's SDPA.
 
-Each step the new tokens' K/V are written into their cache slots, then:
+Once the new tokens' K/V are in their cache slots:
 
 - a prefill segment (one sequence's chunk of prompt) attends causally over its whole context;
   when it has no earlier context it uses the fresh K/V directly and skips the gather;
@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from kvmesh.engine.attention.common import AttentionMetadata, SequenceSlice, slot_mapping
 
 
 @dataclass(slots=True)
@@ -36,42 +38,48 @@ class DecodeBatch:
 
 
 @dataclass(slots=True)
-class AttentionMetadata:
-    slot_blocks: torch.Tensor  # [T] block of each new token's K/V
-    slot_offsets: torch.Tensor  # [T] offset inside that block
+class SdpaMetadata(AttentionMetadata):
     prefills: list[PrefillSegment]
     decode: DecodeBatch | None
 
 
-@dataclass(slots=True)
-class SequenceSlice:
-    """One sequence's part of a step, as the model runner describes it."""
+class SdpaBackend:
+    name = "sdpa"
+    fused_ops = False
 
-    num_query: int
-    num_context_before: int  # tokens already in the cache before this step
-    block_ids: Sequence[int]
+    def build(
+        self, slices: Sequence[SequenceSlice], block_size: int, device: torch.device
+    ) -> SdpaMetadata:
+        return build_metadata(slices, block_size, device)
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        assert isinstance(meta, SdpaMetadata)
+        return sdpa_attention(q, k, v, layer_cache, meta, scale)
 
 
 def build_metadata(
     slices: Sequence[SequenceSlice], block_size: int, device: torch.device
-) -> AttentionMetadata:
-    slot_blocks: list[int] = []
-    slot_offsets: list[int] = []
+) -> SdpaMetadata:
     prefills: list[PrefillSegment] = []
     decode_rows: list[tuple[int, SequenceSlice]] = []
     start = 0
     for s in slices:
-        for position in range(s.num_context_before, s.num_context_before + s.num_query):
-            slot_blocks.append(s.block_ids[position // block_size])
-            slot_offsets.append(position % block_size)
-        if s.num_query == 1 and s.num_context_before > 0:
+        if s.is_decode:
             decode_rows.append((start, s))
         else:
             prefills.append(_prefill_segment(start, s, block_size, device))
         start += s.num_query
-    return AttentionMetadata(
-        slot_blocks=torch.tensor(slot_blocks, dtype=torch.long, device=device),
-        slot_offsets=torch.tensor(slot_offsets, dtype=torch.long, device=device),
+    mapping = slot_mapping(slices, block_size, device)
+    return SdpaMetadata(
+        slot_mapping=mapping,
         prefills=prefills,
         decode=_decode_batch(decode_rows, block_size, device) if decode_rows else None,
     )
@@ -114,16 +122,16 @@ def _decode_batch(
     )
 
 
-def paged_attention(
+def sdpa_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     layer_cache: torch.Tensor,
-    meta: AttentionMetadata,
+    meta: SdpaMetadata,
     scale: float,
 ) -> torch.Tensor:
-    """q: [T, Hq, D]; k, v: [T, Hkv, D]; layer_cache: [num_blocks, block_size, 2, Hkv, D]."""
-    layer_cache[meta.slot_blocks, meta.slot_offsets] = torch.stack((k, v), dim=1)
+    """q: [T, Hq, D]; k, v: [T, Hkv, D], already in layer_cache [num_blocks, block_size, 2,
+    Hkv, D]."""
     out = q.new_empty(q.shape) if meta.prefills else q
     for seg in meta.prefills:
         rows = slice(seg.start, seg.start + seg.num_query)

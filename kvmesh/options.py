@@ -1,0 +1,140 @@
+"""Command-line option groups every service shares: server, registry, metrics, logging, engine.
+
+Each default is written once, in the config dataclass the options fill (`ServerConfig`,
+`EngineConfig`, ...); a service adds the groups it needs and only its own options by hand.
+Ports differ by service, so each passes its own default port.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import fields
+from typing import TYPE_CHECKING, Any
+
+from kvmesh.rpc.server import ServerConfig
+
+if TYPE_CHECKING:  # the engine's settings load only where engine options are added
+    from kvmesh.engine.config import EngineConfig
+
+DEFAULT_LOG_LEVEL = "INFO"
+NO_METRICS = -1
+
+_SERVER: dict[str, Any] = {f.name: f.default for f in fields(ServerConfig)}
+
+
+def add_server_options(
+    parser: argparse.ArgumentParser, *, port: int, grace_s: float | None = None
+) -> None:
+    """`--host`, `--port` (the service's own default), `--grace-s` (ServerConfig's unless the
+    service passes its own)."""
+    group = parser.add_argument_group("server")
+    group.add_argument("--host", default=_SERVER["host"], help="address to listen on")
+    group.add_argument("--port", type=int, default=port, help="0: any free port")
+    group.add_argument(
+        "--grace-s",
+        type=float,
+        default=_SERVER["grace_s"] if grace_s is None else grace_s,
+        help="how long in-flight calls get on stop",
+    )
+
+
+def add_registry_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("registry")
+    group.add_argument(
+        "--registry",
+        default=os.environ.get("CONSUL_HTTP_ADDR"),
+        help="Consul / embedded registry address (default: $CONSUL_HTTP_ADDR)",
+    )
+
+
+def add_metrics_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("metrics")
+    group.add_argument(
+        "--metrics-port",
+        type=int,
+        default=0,
+        help=f"Prometheus /metrics port; 0: any free port, {NO_METRICS}: no endpoint",
+    )
+
+
+def metrics_port(args: argparse.Namespace) -> int | None:
+    """The metrics port to serve, or None for no endpoint."""
+    port: int = args.metrics_port
+    return None if port == NO_METRICS else port
+
+
+def add_logging_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-level", default=DEFAULT_LOG_LEVEL, help="a logging level name")
+
+
+def add_engine_options(parser: argparse.ArgumentParser) -> None:
+    from kvmesh.engine.config import ATTENTION_BACKENDS, DTYPES, EngineConfig
+
+    engine: dict[str, Any] = {f.name: f.default for f in fields(EngineConfig)}
+    group = parser.add_argument_group("engine")
+    group.add_argument(
+        "--engine",
+        default=engine["engine"],
+        help="torch, sim, or a plug-in from the kvmesh.engines entry points",
+    )
+    group.add_argument(
+        "--model",
+        default=engine["model"],
+        help="smollm2, a Hugging Face directory, a .gguf file, or dummy:<preset>",
+    )
+    group.add_argument("--device", default=engine["device"], help="auto, cpu, cuda, cuda:N")
+    group.add_argument("--dtype", default=engine["dtype"], choices=DTYPES)
+    group.add_argument("--block-size", type=int, default=engine["block_size"])
+    group.add_argument("--num-blocks", type=int, default=engine["num_blocks"])
+    group.add_argument("--max-num-seqs", type=int, default=engine["max_num_seqs"])
+    group.add_argument("--max-batched-tokens", type=int, default=engine["max_num_batched_tokens"])
+    group.add_argument("--max-model-len", type=int, default=engine["max_model_len"])
+    group.add_argument(
+        "--attention-backend",
+        default=engine["attention_backend"],
+        choices=ATTENTION_BACKENDS,
+        help="auto: triton on CUDA, sdpa on CPU",
+    )
+    group.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=engine["cuda_graphs"],
+        help="capture decode steps as CUDA graphs (CUDA, triton backend)",
+    )
+    group.add_argument(
+        "--torch-threads", type=int, default=engine["num_threads"], help="0: PyTorch's default"
+    )
+    group.add_argument(
+        "--engine-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an engine-specific setting (repeatable), e.g. the sim engine's gpu=H100",
+    )
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    from kvmesh.engine.config import EngineConfig
+
+    options: dict[str, str] = {}
+    for item in args.engine_arg:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--engine-arg takes KEY=VALUE, got {item!r}")
+        options[key] = value
+    return EngineConfig(
+        engine=args.engine,
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        block_size=args.block_size,
+        num_blocks=args.num_blocks,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_batched_tokens,
+        max_model_len=args.max_model_len,
+        attention_backend=args.attention_backend,
+        cuda_graphs=args.cuda_graphs,
+        num_threads=args.torch_threads,
+        options=options,
+    )
