@@ -132,7 +132,7 @@ async def router_of(mesh: Mesh, name: str, *worker_ids: str) -> Child:
             (model,) = (await stub.ListModels(generation_pb2.ListModelsRequest())).models
             if model.num_prefill_workers == 1 and model.num_decode_workers == 1:
                 return router
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # polling the router's view of discovery
     raise AssertionError(f"{name} did not see {worker_ids} in time")
 
 
