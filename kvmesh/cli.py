@@ -559,7 +559,7 @@ def _shared_prefix(options: dict[str, Any]) -> Any:
 @click.option("--decode", "num_decode", default=1, show_default=True, help="decode workers")
 @click.option(
     "--engine",
-    default="torch",
+    default=_ENGINE_DEFAULTS.engine,
     show_default=True,
     help="the workers' engine; sim: simulated GPUs, no torch, and its own defaults for the "
     "options not given (64 groups x 8, 1024-token system prompts, 8 requests/s)",

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmesh.bench import load
+from kvmesh.engine.config import EngineConfig
 from kvmesh.process import stop_child
 from kvmesh.telemetry.scrape import scrape, total
 from kvmesh.up import Child, Mesh, UpConfig
@@ -101,7 +102,7 @@ class RoutingBench:
     policies: tuple[str, ...] = DEFAULT_POLICIES
     robustness: bool = True
     num_decode: int = 1
-    engine: str = "torch"
+    engine: str = EngineConfig().engine
     model: str | None = None  # None: smollm2 (torch), SIM_DEFAULTS' (sim)
     engine_args: tuple[str, ...] = ()  # --engine-arg KEY=VALUE for every worker
 

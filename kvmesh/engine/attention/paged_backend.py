@@ -135,7 +135,7 @@ class PagedBackend:
         scale: float,
     ) -> torch.Tensor:
         assert isinstance(meta, PagedMetadata)
-        out = None if _one_group(meta) else torch.empty_like(q)
+        out = None if one_group(meta) else torch.empty_like(q)
         if (d := meta.decode) is not None:
             rows = paged_decode(
                 gather_rows(q, d.token_indices), layer_cache, d.block_tables, d.context_lens, scale
@@ -155,7 +155,7 @@ class PagedBackend:
         return out
 
 
-def _one_group(meta: PagedMetadata) -> bool:
+def one_group(meta: PagedMetadata) -> bool:
     """Every row is a decode row, or every row is a prefill row: outputs need no scatter."""
     groups = [g for g in (meta.decode, meta.prefill) if g is not None]
     return len(groups) == 1 and groups[0].token_indices is None

@@ -22,6 +22,7 @@ from kvmesh.engine.attention.paged_backend import (
     PagedMetadata,
     build_paged_metadata,
     gather_rows,
+    one_group,
     scatter_rows,
 )
 from kvmesh.engine.attention.sdpa import _sdpa
@@ -92,8 +93,7 @@ class TritonBackend:
         scale: float,
     ) -> torch.Tensor:
         assert isinstance(meta, TritonMetadata)
-        groups = [g for g in (meta.decode, meta.prefill) if g is not None]
-        out = None if len(groups) == 1 and groups[0].token_indices is None else torch.empty_like(q)
+        out = None if one_group(meta) else torch.empty_like(q)
         if (d := meta.decode) is not None:
             if meta.num_splits is None:
                 batch = d.block_tables.shape[0]
