@@ -70,6 +70,11 @@ def engine_options(fn: F) -> F:
             show_default=True,
             help="capture decode steps as CUDA graphs (CUDA, triton backend)",
         ),
+        click.option(
+            "--async-scheduling/--no-async-scheduling",
+            default=d.async_scheduling,
+            help="schedule each step while the previous one runs (default: on a GPU)",
+        ),
     ]
 
     @functools.wraps(fn)
@@ -85,6 +90,7 @@ def engine_options(fn: F) -> F:
             max_model_len=kwargs.pop("max_model_len"),
             attention_backend=kwargs.pop("attention_backend"),
             cuda_graphs=kwargs.pop("cuda_graphs"),
+            async_scheduling=kwargs.pop("async_scheduling"),
         )
         try:
             return fn(config=config, **kwargs)

@@ -103,6 +103,12 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
         help="capture decode steps as CUDA graphs (CUDA, triton backend)",
     )
     group.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=engine["async_scheduling"],
+        help="schedule each step while the previous one runs (default: on a GPU)",
+    )
+    group.add_argument(
         "--torch-threads", type=int, default=engine["num_threads"], help="0: PyTorch's default"
     )
     group.add_argument(
@@ -135,6 +141,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_model_len=args.max_model_len,
         attention_backend=args.attention_backend,
         cuda_graphs=args.cuda_graphs,
+        async_scheduling=args.async_scheduling,
         num_threads=args.torch_threads,
         options=options,
     )

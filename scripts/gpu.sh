@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks of the engine, in stages, for a lent GPU machine (see docs/engines.md):
-#   scripts/gpu.sh STAGE...   with STAGE in: kernels profile engine baseline accuracy gputests mesh
+#   scripts/gpu.sh STAGE...   with STAGE in: kernels profile engine sync baseline accuracy gputests mesh
 # Results go to $OUT (default ./gpu-out). Wheels the machine lacks are installed from .whl/ if
 # present; a real SmolLM2 GGUF at $KVMESH_GGUF is used for accuracy checks, else dummy weights.
 set -uo pipefail
@@ -26,6 +26,10 @@ for stage in "$@"; do
       run python3 -m kvmesh.bench.profile --batch 32 --context 512 2>&1 | grep -v "^-*$" | cut -c1-160 ;;
     engine)
       run $KV bench-engine --gpu --model $MODEL --device cuda --json-out "$OUT/bench-engine.json" ;;
+    sync)  # the same engine with synchronous steps: what async scheduling gains
+      run $KV bench-engine --gpu --model $MODEL --device cuda --no-async-scheduling \
+        --batches 1,32,64 --long-batch 0 --transformers-batch 0 \
+        --json-out "$OUT/bench-engine-sync.json" ;;
     baseline)  # the engine as it was: gather + SDPA, no CUDA graphs, plain PyTorch ops
       run $KV bench-engine --gpu --model $MODEL --device cuda --attention-backend sdpa \
         --no-cuda-graphs --batches 1,32 --long-batch 0 --transformers-batch 0 \

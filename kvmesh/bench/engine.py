@@ -319,6 +319,7 @@ def gpu_report(
         "dtype": core.info.dtype,
         "attention_backend": core.info.attention_backend,
         "cuda_graphs": core.info.cuda_graphs,
+        "async_scheduling": core.async_scheduling,
         "parameters": params,
         "weight_bytes": weight_bytes,
         "kv_bytes_per_token": kv_token,

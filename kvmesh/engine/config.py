@@ -45,9 +45,12 @@ class EngineConfig:
     """`sdpa` (gather + PyTorch SDPA), `paged` (pure PyTorch, reads blocks in place), `triton`
     (GPU kernels); `auto`: triton on CUDA, sdpa on CPU."""
     cuda_graphs: bool = True
+    """Capture decode steps as CUDA graphs (CUDA with the triton backend only)."""
+    async_scheduling: bool | None = None
+    """Schedule and launch each step before reading the previous one's tokens, so the host's
+    work overlaps the device's; None: on where the executor runs ahead of the host (a GPU)."""
     num_threads: int = 0
     """CPU threads for the engine's math (0: the library's default)."""
-    """Capture decode steps as CUDA graphs (CUDA with the triton backend only)."""
     options: dict[str, str] = field(default_factory=dict)
     """Engine-specific settings (`--engine-arg KEY=VALUE`), read by the engine that knows them."""
 

@@ -6,20 +6,26 @@ returns what each request produced. The torch engine's executor runs the model
 (`TorchCore` in `kvmesh.engine.torch_engine`); the simulated engine's only takes the time a GPU
 would (`kvmesh.engine.sim`). `AsyncEngine` drives a core from a thread and adds the async API;
 tests drive it directly.
+
+With async scheduling (an executor with `launch`, on a GPU by default) `step()` launches the
+step it schedules and then reads the previous one, so the host's work overlaps the device's:
+a sampled token not yet read is PENDING in its sequence (`kvmesh.engine.sequence`), and
+outputs come one step late. docs/engines.md ("Async scheduling") says what else it changes.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import cast
 
 import structlog
 
 from kvmesh.engine.config import EngineConfig
-from kvmesh.engine.executor import ModelExecutor, Sampled
-from kvmesh.engine.scheduler import Scheduler
-from kvmesh.engine.sequence import SeqKind, Sequence
+from kvmesh.engine.executor import AsyncModelExecutor, ModelExecutor, Sampled, StepHandle
+from kvmesh.engine.scheduler import ScheduledChunk, Scheduler
+from kvmesh.engine.sequence import PENDING, SeqKind, SeqState, Sequence
 from kvmesh.errors import InvalidRequestError, OverloadedError, UnknownRequestError
 from kvmesh.kv.block_pool import BlockId, BlockPool
 from kvmesh.kv.errors import LayoutMismatchError
@@ -46,6 +52,32 @@ from kvmesh.validation import validate_request
 log = structlog.get_logger(__name__)
 
 StepOutput = TokenOutput | PrefillOutput
+
+
+@dataclass(slots=True)
+class _Span:
+    """What a step computed for one sequence: tokens [start, end) into `blocks`."""
+
+    seq: Sequence
+    start: int
+    end: int
+    blocks: list[BlockId]  # the sequence's block list when launched (kept if it is released)
+
+
+@dataclass(slots=True)
+class _InFlight:
+    """A launched step not yet read (async scheduling)."""
+
+    spans: list[_Span]
+    handle: StepHandle
+
+    def writes_any(self, block_ids: Iterable[BlockId], block_size: int) -> bool:
+        written = {
+            b
+            for span in self.spans
+            for b in span.blocks[span.start // block_size : (span.end - 1) // block_size + 1]
+        }
+        return not written.isdisjoint(block_ids)
 
 
 class EngineCore:
@@ -84,6 +116,9 @@ class EngineCore:
         self._exports: dict[str, list[BlockId]] = {}
         self._imports: dict[str, Sequence] = {}  # reserved blocks, not yet decoding
         self._last_step_seconds = 0.0
+        # Async scheduling: steps are launched one ahead of reading them (see `step`).
+        self._launcher = self._async_launcher(config)
+        self._in_flight: _InFlight | None = None
         log.info(
             "engine ready",
             engine=info.engine,
@@ -94,7 +129,25 @@ class EngineCore:
             kv_blocks=info.num_blocks,
             block_size=info.block_size,
             max_model_len=info.max_model_len,
+            async_scheduling=self.async_scheduling,
         )
+
+    def _async_launcher(self, config: EngineConfig) -> AsyncModelExecutor | None:
+        """The executor, if steps are to be launched ahead (it has `launch` and it was asked
+        for, or not asked and the executor runs ahead of the host); else None."""
+        can = hasattr(self.executor, "launch")
+        wanted = config.async_scheduling
+        if wanted is None:
+            wanted = can and bool(getattr(self.executor, "launches_ahead", False))
+        elif wanted and not can:
+            raise InvalidRequestError(
+                f"the {self.info.engine} engine cannot schedule asynchronously"
+            )
+        return cast("AsyncModelExecutor", self.executor) if wanted else None
+
+    @property
+    def async_scheduling(self) -> bool:
+        return self._launcher is not None
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -161,6 +214,7 @@ class EngineCore:
             )
         self.pool.acquire(hits)
         seq.block_ids = list(hits) + self.pool.allocate(needed)
+        self._fence(seq.block_ids)  # the caller writes them as soon as this returns
         seq.num_registered_blocks = len(hits)
         seq.num_computed_tokens = seq.num_prompt_tokens
         seq.num_cached_tokens = seq.num_prompt_tokens
@@ -208,28 +262,80 @@ class EngineCore:
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or self._in_flight is not None
 
     def step(self) -> list[StepOutput]:
+        """Run one step; what requests produced (with async scheduling: the previous step's)."""
         started = time.perf_counter()
         plan = self.scheduler.schedule()
         self.stats.num_preemptions += len(plan.preempted)
         self.stats.num_prefix_hit_tokens += plan.num_prefix_hit_tokens
         outputs: list[StepOutput] = []
-        if plan.chunks:
-            sampled = self.executor.execute(plan.chunks)
-            for chunk in plan.chunks:
-                chunk.seq.num_computed_tokens += chunk.num_tokens
-                self.stats.num_computed_tokens += chunk.num_tokens
-                self._register_full_blocks(chunk.seq)
-            outputs += [self._append_token(s.seq, s) for s in sampled]
-            self.stats.num_steps += 1
+        if self._launcher is None:  # run the step and read it
+            if plan.chunks:
+                sampled = self.executor.execute(plan.chunks)
+                spans = self._advance(plan.chunks, pending=False)
+                outputs += self._take(spans, sampled)
+        else:
+            # Queue this step, then read the previous one while the device runs this one.
+            launched = None
+            if plan.chunks:
+                handle = self._launcher.launch(plan.chunks)
+                launched = _InFlight(self._advance(plan.chunks, pending=True), handle)
+            previous, self._in_flight = self._in_flight, launched
+            if previous is not None:
+                outputs += self._take(previous.spans, previous.handle.result())
         self.publish_events()
         self._last_step_seconds = time.perf_counter() - started
         return outputs
 
+    def _advance(self, chunks: list[ScheduledChunk], *, pending: bool) -> list[_Span]:
+        """Count the chunks' tokens as computed; with `pending`, add a PENDING token for each
+        sequence the step samples for."""
+        spans = []
+        for chunk in chunks:
+            seq = chunk.seq
+            start = seq.num_computed_tokens
+            seq.num_computed_tokens += chunk.num_tokens
+            self.stats.num_computed_tokens += chunk.num_tokens
+            spans.append(_Span(seq, start, seq.num_computed_tokens, seq.block_ids))
+            # Cached now, not when read: a prompt waiting for these blocks finds them at the
+            # next schedule, and whatever reads them runs after this step on the device.
+            self._register_full_blocks(seq)
+            if pending and seq.num_computed_tokens == seq.num_tokens:
+                seq.token_ids.append(PENDING)
+                seq.num_pending += 1
+                seq.ends_at_pending = self._ends_at(seq, len(seq.token_ids))
+        self.stats.num_steps += 1
+        return spans
+
+    def _take(self, spans: list[_Span], sampled: list[Sampled]) -> list[StepOutput]:
+        """Read a step's samples into their sequences; cache the blocks they complete."""
+        for span in spans:
+            if span.seq.state is not SeqState.FINISHED:
+                self._register_full_blocks(span.seq)  # blocks that held a pending token
+        return [
+            self._append_token(s.seq, s) for s in sampled if s.seq.state is not SeqState.FINISHED
+        ]
+
+    def _ends_at(self, seq: Sequence, num_tokens: int) -> bool:
+        """Whether a sequence ends once it holds `num_tokens`, whatever the last one is."""
+        return seq.kind is SeqKind.PREFILL_ONLY or self._at_limit(seq, num_tokens)
+
+    def _at_limit(self, seq: Sequence, num_tokens: int) -> bool:
+        """Whether `num_tokens` reaches the request's max_tokens or the context limit."""
+        outputs = num_tokens - seq.num_prompt_tokens
+        return outputs >= seq.sampling.max_tokens or num_tokens >= self.max_model_len
+
+    def _fence(self, block_ids: list[BlockId]) -> None:
+        """Before others write `block_ids` (a KV import): wait for the step in flight if it
+        writes any of them (they were freed while it ran)."""
+        if self._in_flight is not None and self._in_flight.writes_any(block_ids, self.block_size):
+            self._in_flight.handle.fence()
+
     def fail_all(self, error: BaseException) -> list[str]:
         """After an unexpected step failure: drop every request, keep the engine usable."""
+        self._in_flight = None  # whatever it sampled is lost with the requests
         failed = list(self._requests)
         for request_id in failed:
             self.abort(request_id)
@@ -274,7 +380,10 @@ class EngineCore:
 
     def is_idle_and_whole(self) -> bool:
         """Nothing in flight, nothing pinned, every block back in the pool."""
-        return not (self._requests or self._exports or self._imports) and self.pool.is_whole()
+        if self._in_flight is not None and not self._requests:
+            self.step()  # a step that only computed for ended requests: finish it, read nothing
+        idle = not (self._requests or self._exports or self._imports or self._in_flight)
+        return idle and self.pool.is_whole()
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -321,6 +430,7 @@ class EngineCore:
         )
 
     def _register_full_blocks(self, seq: Sequence) -> None:
+        """Put the full blocks whose tokens are computed and known in the prefix cache."""
         seq.extend_hashes(self.block_size, self.root_hash)
         full = min(seq.num_computed_tokens // self.block_size, len(seq.block_hashes))
         first = seq.num_registered_blocks
@@ -330,10 +440,15 @@ class EngineCore:
             seq.num_registered_blocks = full
 
     def _append_token(self, seq: Sequence, s: Sampled) -> StepOutput:
-        seq.token_ids.append(s.token_id)
+        if seq.num_pending:
+            seq.resolve(s.token_id)
+        else:
+            seq.token_ids.append(s.token_id)
         self.stats.num_generated_tokens += 1
         text = seq.detokenizer.add([s.token_id]) if seq.detokenizer else ""
         self._check_finish(seq, s.token_id)
+        if seq.finish_reason is not None:
+            seq.drop_pending()
         if seq.finish_reason is not None and seq.detokenizer is not None:
             text += seq.detokenizer.flush()
         logprobs = [s.logprob] if s.logprob is not None else []
@@ -351,7 +466,7 @@ class EngineCore:
             seq.finish_reason, seq.stop_reason = FinishReason.STOP, token_id
         elif seq.detokenizer is not None and seq.detokenizer.stopped_on is not None:
             seq.finish_reason, seq.stop_reason = FinishReason.STOP, seq.detokenizer.stopped_on
-        elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+        elif self._at_limit(seq, seq.num_resolved_tokens):
             seq.finish_reason = FinishReason.LENGTH
 
     def _finish_prefill(self, seq: Sequence, first: TokenOutput) -> PrefillOutput:

@@ -26,6 +26,18 @@ class Sampled:
     logprob: TokenLogprob | None
 
 
+class StepHandle(Protocol):
+    """A step queued on the device by `AsyncModelExecutor.launch`."""
+
+    def result(self) -> list[Sampled]:
+        """Wait for the step; what it sampled, in the order of its sampling sequences."""
+        ...
+
+    def fence(self) -> None:
+        """Wait until the device is done with the step (its KV writes), reading nothing."""
+        ...
+
+
 class ModelExecutor(Protocol):
     def make_sampler(self, params: SamplingParams) -> Any:
         """Per-request sampling state (a seeded generator, say), kept on the sequence."""
@@ -47,3 +59,17 @@ class ModelExecutor(Protocol):
         """TransferMode.ENGINE: fill `block_ids` with the export's KV, from the event loop while
         steps go on. Raises InvalidRequestError for state this executor cannot read."""
         ...
+
+
+class AsyncModelExecutor(ModelExecutor, Protocol):
+    """An executor that can queue a step and return before it has run (async scheduling).
+
+    A sequence's last token may then be `PENDING` (`kvmesh.engine.sequence`): sampled by the
+    previous launch and not yet read by the host. The executor feeds that launch's sample,
+    still on the device, to the step as the token's input.
+    """
+
+    launches_ahead: bool
+    """Whether async scheduling pays here (a GPU that runs while the host prepares)."""
+
+    def launch(self, chunks: list[ScheduledChunk]) -> StepHandle: ...

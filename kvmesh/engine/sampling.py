@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvmesh.engine.uploads import upload
 from kvmesh.sampling import SamplingParams, TokenLogprob
 
 
@@ -30,23 +31,86 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     return generator
 
 
+class DeviceSample:
+    """One step's samples, computed on the device and on their way to the host.
+
+    Everything that reads the logits is queued when the sample is made (the next step may
+    overwrite them: CUDA graphs reuse their output buffer); the copies to the host are
+    asynchronous on CUDA, and `read` waits for them. On CPU everything is done at once.
+    """
+
+    def __init__(self, logits: torch.Tensor, rows: Sequence[SamplerRow]) -> None:
+        device = logits.device
+        self.tokens = _choose(logits, rows)  # on the device: the next step's inputs
+        wanted = [i for i, r in enumerate(rows) if _wants_logprobs(r)]
+        self._wanted = wanted
+        self._top_n = [rows[i].params.top_logprobs for i in wanted]
+        on_device = [self.tokens]
+        if wanted:
+            index = upload(wanted, torch.long, device)
+            logp = torch.log_softmax(logits.index_select(0, index), dim=-1)
+            chosen = logp.gather(1, self.tokens.index_select(0, index)[:, None])[:, 0]
+            on_device.append(chosen)
+            if max(self._top_n):
+                values, ids = torch.topk(logp, max(self._top_n), dim=-1)
+                on_device += [values, ids]
+        self._host = [_to_host(t) for t in on_device]
+        self._event: torch.cuda.Event | None = None
+        if device.type == "cuda":
+            self._event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            self._event.record()
+
+    def read(self) -> tuple[list[int], list[TokenLogprob | None]]:
+        """The tokens and logprobs, once the device has computed and copied them."""
+        if self._event is not None:
+            self._event.synchronize()
+        tokens: list[int] = self._host[0].tolist()
+        logprobs: list[TokenLogprob | None] = [None] * len(tokens)
+        if self._wanted:
+            chosen = self._host[1].tolist()
+            top_values = self._host[2].tolist() if len(self._host) > 2 else None
+            top_ids = self._host[3].tolist() if len(self._host) > 2 else None
+            for k, (i, n) in enumerate(zip(self._wanted, self._top_n, strict=True)):
+                top: tuple[tuple[int, float], ...] = ()
+                if n and top_values is not None and top_ids is not None:
+                    top = tuple(zip(top_ids[k][:n], top_values[k][:n], strict=True))
+                logprobs[i] = TokenLogprob(tokens[i], chosen[k], top)
+        return tokens, logprobs
+
+    def wait(self) -> None:
+        """Wait for the device to finish the step, without reading anything."""
+        if self._event is not None:
+            self._event.synchronize()
+
+
 def sample(
     logits: torch.Tensor, rows: Sequence[SamplerRow]
 ) -> tuple[list[int], list[TokenLogprob | None]]:
-    """Choose one token per row of `logits` ([B, vocab], float32)."""
-    if all(r.params.is_greedy and not _wants_logprobs(r) for r in rows):
-        # The common case, kept to one kernel and one copy to the host: it is on every step.
-        return logits.argmax(dim=-1).tolist(), [None] * len(rows)
+    """Choose one token per row of `logits` ([B, vocab], float32), and wait for them."""
+    return DeviceSample(logits, rows).read()
+
+
+def _choose(logits: torch.Tensor, rows: Sequence[SamplerRow]) -> torch.Tensor:
+    if all(r.params.is_greedy for r in rows):
+        # The common case, kept to one kernel: it is on every step.
+        return logits.argmax(dim=-1)
     tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
     greedy = [i for i, r in enumerate(rows) if r.params.is_greedy]
     if greedy:
-        index = torch.tensor(greedy, device=logits.device)
+        index = upload(greedy, torch.long, logits.device)
         tokens[index] = logits[index].argmax(dim=-1)
     for i, row in enumerate(rows):
         if not row.params.is_greedy:
             tokens[i] = _draw(logits[i], row)
-    token_list = tokens.tolist()
-    return token_list, _logprobs(logits, token_list, rows)
+    return tokens
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    if t.device.type != "cuda":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
 
 
 def _draw(logits: torch.Tensor, row: SamplerRow) -> torch.Tensor:
@@ -64,24 +128,6 @@ def _draw(logits: torch.Tensor, row: SamplerRow) -> torch.Tensor:
         scaled = scaled.masked_fill(~keep, float("-inf"))
     probs = scaled.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=row.generator)[0]
-
-
-def _logprobs(
-    logits: torch.Tensor, tokens: list[int], rows: Sequence[SamplerRow]
-) -> list[TokenLogprob | None]:
-    wanted = [i for i, r in enumerate(rows) if _wants_logprobs(r)]
-    result: list[TokenLogprob | None] = [None] * len(rows)
-    if not wanted:
-        return result
-    logp = torch.log_softmax(logits[wanted], dim=-1)
-    for row_index, i in enumerate(wanted):
-        top: tuple[tuple[int, float], ...] = ()
-        n = rows[i].params.top_logprobs
-        if n:
-            values, ids = torch.topk(logp[row_index], n)
-            top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
-        result[i] = TokenLogprob(tokens[i], float(logp[row_index, tokens[i]]), top)
-    return result
 
 
 def _wants_logprobs(row: SamplerRow) -> bool:

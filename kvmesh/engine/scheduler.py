@@ -11,6 +11,9 @@ preempted: its blocks are released and it goes back to the front of the queue to
 (usually from the prefix cache). This cannot deadlock: the engine refuses any request that
 could not fit in the pool alone, so the oldest sequence can always make progress by preempting
 the others.
+
+With async scheduling, a sequence whose pending token (sampled, not yet read) is known to be its
+last is neither scheduled nor preempted: it ends, and frees its blocks, once that token is read.
 """
 
 from __future__ import annotations
@@ -94,8 +97,8 @@ class Scheduler:
 
         # Decoding sequences first, then prompts in progress; each group in admission order.
         for seq in sorted(self.running, key=lambda s: s.is_prefilling):
-            if seq.state is not SeqState.RUNNING:
-                continue  # preempted earlier in this loop
+            if seq.state is not SeqState.RUNNING or seq.ends_at_pending:
+                continue  # preempted earlier in this loop, or ends with its pending token
             num_tokens = min(seq.num_uncomputed_tokens, budget())
             if num_tokens == 0:
                 break
@@ -161,7 +164,8 @@ class Scheduler:
         """
         needed = self._blocks_for(seq.num_computed_tokens + num_tokens) - len(seq.block_ids)
         while needed > self.pool.num_free_blocks:
-            victim = self.running[-1]
+            # Not one that ends with its pending token: it frees its blocks once that is read.
+            victim = next(s for s in reversed(self.running) if s is seq or not s.ends_at_pending)
             self._preempt(victim)
             scheduled.pop(victim, None)
             preempted.append(victim)

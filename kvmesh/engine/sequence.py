@@ -1,4 +1,9 @@
-"""A request as the scheduler sees it: its tokens, how many are computed, and its blocks."""
+"""A request as the scheduler sees it: its tokens, how many are computed, and its blocks.
+
+With async scheduling (`kvmesh.engine.core`) a step is scheduled before the host has read the
+previous step's tokens: a sampled token the host has not read yet sits at the end of
+`token_ids` as `PENDING`, and the executor feeds the device's copy to the next step.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,9 @@ from kvmesh.kv.hashing import BlockHash, hash_blocks
 from kvmesh.sampling import SamplingParams
 from kvmesh.text.detokenizer import IncrementalDetokenizer
 from kvmesh.types import FinishReason
+
+PENDING = -1
+"""A token sampled on the device whose value the host has not read yet."""
 
 
 class SeqKind(str, Enum):
@@ -45,6 +53,11 @@ class Sequence:
     num_preemptions: int = 0
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
+    # Trailing PENDING tokens (0, 1 or, between a launch and the previous step's read, 2).
+    num_pending: int = 0
+    # The pending token ends the sequence whatever its value (max_tokens, the context limit, a
+    # prefill-only request's first token): nothing more is scheduled for it.
+    ends_at_pending: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -52,7 +65,12 @@ class Sequence:
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        """Output tokens the host has read (pending ones not counted)."""
+        return len(self.token_ids) - self.num_pending - self.num_prompt_tokens
+
+    @property
+    def num_resolved_tokens(self) -> int:
+        return len(self.token_ids) - self.num_pending
 
     @property
     def num_uncomputed_tokens(self) -> int:
@@ -64,10 +82,26 @@ class Sequence:
         return self.num_uncomputed_tokens > 1
 
     def extend_hashes(self, block_size: int, root: BlockHash) -> None:
+        """Hash the full blocks of known tokens not hashed yet (never a PENDING one)."""
+        if self.num_resolved_tokens // block_size <= len(self.block_hashes):
+            return
         parent = self.block_hashes[-1] if self.block_hashes else root
+        tokens = self.token_ids[: self.num_resolved_tokens] if self.num_pending else self.token_ids
         self.block_hashes += hash_blocks(
-            self.token_ids, block_size, parent, start_block=len(self.block_hashes)
+            tokens, block_size, parent, start_block=len(self.block_hashes)
         )
+
+    def resolve(self, token_id: int) -> None:
+        """The host has read the oldest pending token."""
+        self.token_ids[len(self.token_ids) - self.num_pending] = token_id
+        self.num_pending -= 1
+
+    def drop_pending(self) -> None:
+        """The sequence ended: tokens sampled after its last one are discarded."""
+        if self.num_pending:
+            del self.token_ids[-self.num_pending :]
+            self.num_pending = 0
+        self.num_computed_tokens = min(self.num_computed_tokens, len(self.token_ids))
 
     def reset_for_recompute(self) -> None:
         """After preemption: blocks gone, every token must be computed again."""

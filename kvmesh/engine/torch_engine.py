@@ -80,6 +80,7 @@ class TorchCore(EngineCore):
             self.kv_cache,
             cuda_graphs=config.cuda_graphs,
             max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=max_model_len,
         )
         info = EngineInfo(

@@ -152,6 +152,7 @@ def test_triton_backend_gives_the_sdpa_backend_tokens_in_float32() -> None:
 
 
 def test_cuda_graph_replay_equals_eager_execution_bitwise() -> None:
+    """Decode graphs on a ragged batch, and a prefill graph on a padded chunk."""
     from kvmesh.engine.attention.common import SequenceSlice
 
     config = EngineConfig(model="dummy:smollm2-135m", device="cuda", num_blocks=1024)
@@ -169,6 +170,53 @@ def test_cuda_graph_replay_equals_eager_execution_bitwise() -> None:
     replayed = graphs.run(ids, lens, slices).clone()
     eager = graphs.eager(ids, lens, slices)
     assert torch.equal(replayed, eager)
+    # A prompt's chunk over a cached prefix, padded to its prefill bucket (300 -> 320).
+    prefill = core.runner.prefill_graphs
+    assert prefill is not None
+    chunk = SequenceSlice(300, 400, blocks[0] + core.pool.allocate(44))
+    chunk_ids = torch.randint(10, 1000, (300,), generator=rng).tolist()
+    positions = list(range(400, 700))
+    replayed = prefill.run(chunk_ids, positions, chunk).clone()
+    assert torch.equal(replayed, prefill.eager(chunk_ids, positions, chunk))
     for b in blocks:
         core.pool.release(b)
+    core.pool.release(chunk.block_ids[len(blocks[0]) :])
     _free(core)
+
+
+def test_async_scheduling_gives_the_synchronous_tokens() -> None:
+    """Steps launched before the previous one is read (pending tokens fed on the device, into
+    CUDA graphs and eager steps alike): the same tokens as synchronous steps, for requests that
+    end by length, by a stop token, by EOS, and that sample with a seed (float32, where a batch
+    one sequence larger cannot flip a token)."""
+    rng = torch.Generator().manual_seed(4)
+    shared = torch.randint(10, 200, (40,), generator=rng).tolist()
+    prompts = [shared + torch.randint(10, 200, (n,), generator=rng).tolist() for n in (2, 9, 33)]
+    prompts += [torch.randint(10, 200, (n,), generator=rng).tolist() for n in (1, 15, 16, 70)]
+    kinds = [
+        SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True),
+        SamplingParams(max_tokens=24, temperature=0.0, stop_token_ids=tuple(range(10, 200, 9))),
+        SamplingParams(max_tokens=24, temperature=0.0),  # EOS set below
+        SamplingParams(max_tokens=24, temperature=0.8, seed=7, logprobs=True, top_logprobs=2),
+    ]
+    results = {}
+    for mode in (False, True):
+        config = EngineConfig(
+            model="dummy:llama-tiny",
+            device="cuda",
+            dtype="float32",
+            block_size=16,
+            num_blocks=256,
+            max_num_batched_tokens=32,
+            async_scheduling=mode,
+        )
+        core = TorchCore(config, show_progress=False)
+        core.warm_up()
+        assert core.async_scheduling == mode and core.info.cuda_graphs
+        core.eos_token_ids = frozenset(range(100, 110))
+        for i, prompt in enumerate(prompts * 2):
+            core.add(GenerateRequest(f"r{i}", tuple(prompt), kinds[i % len(kinds)]))
+        results[mode] = tokens_by_request(run_until_idle(core))
+        assert core.is_idle_and_whole()
+        _free(core)
+    assert results[True] == results[False]

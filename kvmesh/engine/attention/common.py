@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kvmesh.engine.uploads import upload
+
 
 @dataclass(slots=True)
 class SequenceSlice:
@@ -39,9 +41,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] block * block_size + offset of each new token; -1: padding
 
 
-def slot_mapping(
-    slices: Sequence[SequenceSlice], block_size: int, device: torch.device
-) -> torch.Tensor:
+def slot_list(slices: Sequence[SequenceSlice], block_size: int) -> list[int]:
     """Where each new token's K/V goes, `block * block_size + offset`, in the flat batch's order.
 
     Built a block's run of slots at a time (a 2048-token prompt is 128 `range`s, not 2048
@@ -55,7 +55,14 @@ def slot_mapping(
             first = s.block_ids[block] * block_size + offset
             slots.extend(range(first, first + run))
             position += run
-    return torch.tensor(slots, dtype=torch.long).to(device)
+    return slots
+
+
+def slot_mapping(
+    slices: Sequence[SequenceSlice], block_size: int, device: torch.device
+) -> torch.Tensor:
+    """`slot_list` on the device."""
+    return upload(slot_list(slices, block_size), torch.long, device)
 
 
 def block_table(
@@ -64,7 +71,7 @@ def block_table(
     """`[len(slices), max blocks]` int32 block tables; entries past a row's blocks are 0."""
     tables = [list(s.block_ids[: -(-s.context_len // block_size)]) for s in slices]
     width = max((len(t) for t in tables), default=0)
-    return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32).to(device)
+    return upload([t + [0] * (width - len(t)) for t in tables], torch.int32, device)
 
 
 def write_kv(

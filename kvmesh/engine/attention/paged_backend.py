@@ -19,6 +19,7 @@ from kvmesh.engine.attention.common import (
     slot_mapping,
 )
 from kvmesh.engine.attention.paged import paged_decode, paged_prefill
+from kvmesh.engine.uploads import upload
 
 
 @dataclass(slots=True)
@@ -64,7 +65,7 @@ def build_paged_metadata(
 
 def _token_indices(rows: list[int], covers_all: bool, device: torch.device) -> torch.Tensor | None:
     """The group's rows of the flat batch; None when the group is the whole batch, in order."""
-    return None if covers_all else torch.tensor(rows, dtype=torch.long, device=device)
+    return None if covers_all else upload(rows, torch.long, device)
 
 
 def _decode_rows(
@@ -74,7 +75,7 @@ def _decode_rows(
     return DecodeRows(
         token_indices=_token_indices([i for i, _ in rows], len(rows) == num_slices, device),
         block_tables=block_table(slices, block_size, device),
-        context_lens=torch.tensor([s.context_len for s in slices], dtype=torch.int32).to(device),
+        context_lens=upload([s.context_len for s in slices], torch.int32, device),
         max_context=max(s.context_len for s in slices),
     )
 
@@ -94,8 +95,8 @@ def _prefill_rows(
     return PrefillRows(
         token_indices=_token_indices(indices, len(rows) == num_slices, device),
         block_tables=block_table(slices, block_size, device),
-        cu_seqlens_q=torch.tensor(cu, dtype=torch.int32).to(device),
-        context_lens=torch.tensor([s.context_len for s in slices], dtype=torch.int32).to(device),
+        cu_seqlens_q=upload(cu, torch.int32, device),
+        context_lens=upload([s.context_len for s in slices], torch.int32, device),
         max_query_len=max(s.num_query for s in slices),
         fresh=fresh,
     )

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from kvmesh.engine.attention.common import AttentionMetadata, SequenceSlice, slot_mapping
+from kvmesh.engine.uploads import upload
 
 
 @dataclass(slots=True)
@@ -97,7 +98,7 @@ def _prefill_segment(
     return PrefillSegment(
         start=start,
         num_query=s.num_query,
-        block_table=torch.tensor(list(s.block_ids[:num_blocks]), dtype=torch.long, device=device),
+        block_table=upload(list(s.block_ids[:num_blocks]), torch.long, device),
         context_len=context_len,
         mask=mask,
     )
@@ -113,11 +114,11 @@ def _decode_batch(
         for (_, s), n in zip(rows, context_lens, strict=True)
     ]
     padded = [t + [0] * (max_blocks - len(t)) for t in tables]  # padding is masked out
-    lens = torch.tensor(context_lens, device=device)
+    lens = upload(context_lens, torch.long, device)
     mask = torch.arange(max_blocks * block_size, device=device)[None, :] < lens[:, None]
     return DecodeBatch(
-        token_indices=torch.tensor([start for start, _ in rows], dtype=torch.long, device=device),
-        block_tables=torch.tensor(padded, dtype=torch.long, device=device),
+        token_indices=upload([start for start, _ in rows], torch.long, device),
+        block_tables=upload(padded, torch.long, device),
         mask=mask[:, None, None, :],
     )
 

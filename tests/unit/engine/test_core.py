@@ -1,4 +1,8 @@
-"""The engine core on a tiny random-weight model: scheduling, caching, KV moves, errors."""
+"""The engine core on a tiny random-weight model: scheduling, caching, KV moves, errors.
+
+Every test runs twice: with synchronous steps, and with async scheduling (each step launched
+before the previous one is read, as on a GPU), which must not change a single token.
+"""
 
 from __future__ import annotations
 
@@ -42,6 +46,9 @@ def tiny_config_path(name: str, tmp_path: Path) -> Path:
     return PRESETS / f"{name}.json"
 
 
+_ASYNC = {"on": False}  # set per module run by the `scheduling` fixture
+
+
 def tiny(**overrides: object) -> TorchCore:
     settings: dict[str, object] = {
         "model": "dummy:llama-tiny",
@@ -49,6 +56,7 @@ def tiny(**overrides: object) -> TorchCore:
         "block_size": 4,
         "num_blocks": 128,
         "max_num_batched_tokens": 64,
+        "async_scheduling": _ASYNC["on"],
     }
     settings.update(overrides)
     return TorchCore(EngineConfig(**settings), show_progress=False)  # type: ignore[arg-type]
@@ -59,9 +67,17 @@ def prompts(n: int, *, seed: int = 0, low: int = 3, high: int = 30) -> list[list
     return [[rng.randrange(3, 1000) for _ in range(rng.randint(low, high))] for _ in range(n)]
 
 
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async"], autouse=True)
+def scheduling(request: pytest.FixtureRequest) -> bool:
+    _ASYNC["on"] = request.param
+    return bool(request.param)
+
+
 @pytest.fixture(scope="module")
-def core() -> TorchCore:
-    return tiny()
+def core(scheduling: bool) -> TorchCore:
+    core = tiny()
+    assert core.async_scheduling == scheduling
+    return core
 
 
 @pytest.fixture(autouse=True)
@@ -83,13 +99,13 @@ def test_chunked_prefill_gives_the_same_tokens() -> None:
     whole = generate(tiny(max_num_batched_tokens=256), batch, NO_EOS)
     chunked_core = tiny(max_num_batched_tokens=7)
     step_sizes: list[int] = []
-    run = chunked_core.runner.execute
+    run = chunked_core.runner.launch  # what both sync and async steps go through
 
     def recording_run(chunks):  # type: ignore[no-untyped-def]
         step_sizes.append(sum(c.num_tokens for c in chunks))
         return run(chunks)
 
-    chunked_core.runner.execute = recording_run  # type: ignore[method-assign]
+    chunked_core.runner.launch = recording_run  # type: ignore[method-assign]
     assert generate(chunked_core, batch, NO_EOS) == whole
     assert max(step_sizes) == 7
     assert step_sizes.count(7) >= sum(len(p) for p in batch) // 7 - 1

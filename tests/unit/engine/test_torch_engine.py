@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 
 import pytest
@@ -17,9 +18,11 @@ PARAMS = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 TINY = EngineConfig(model="dummy:llama-tiny", device="cpu", block_size=4, num_blocks=64)
 
 
-@pytest.fixture
-async def engine() -> AsyncIterator[TorchEngine]:
-    async with TorchEngine(TINY, show_progress=False) as eng:
+@pytest.fixture(params=[False, True], ids=["sync", "async"])
+async def engine(request: pytest.FixtureRequest) -> AsyncIterator[TorchEngine]:
+    """The engine with synchronous steps, and with async scheduling (as on a GPU)."""
+    config = dataclasses.replace(TINY, async_scheduling=request.param)
+    async with TorchEngine(config, show_progress=False) as eng:
         yield eng
         assert await eng.is_idle_and_whole()
 
@@ -108,7 +111,7 @@ async def test_prefill_then_import_on_another_engine_gives_the_same_tokens(
 ) -> None:
     prompt = tuple(range(10, 33))
     expected = await collect(engine, GenerateRequest("whole", prompt, PARAMS))
-    async with TorchEngine(TINY, show_progress=False) as decode:
+    async with TorchEngine(engine.core.config, show_progress=False) as decode:
         request = GenerateRequest("split", prompt, PARAMS)
         prefilled = await engine.prefill(request)
         assert prefilled.export is not None
@@ -127,7 +130,7 @@ async def test_prefill_then_import_on_another_engine_gives_the_same_tokens(
 
 
 async def test_an_unstarted_import_can_be_aborted(engine: TorchEngine) -> None:
-    async with TorchEngine(TINY, show_progress=False) as decode:
+    async with TorchEngine(engine.core.config, show_progress=False) as decode:
         request = GenerateRequest("dropped", tuple(range(10, 30)), PARAMS)
         prefilled = await engine.prefill(request)
         assert prefilled.export is not None

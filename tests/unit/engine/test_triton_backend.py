@@ -74,3 +74,58 @@ def test_triton_backend_gives_the_sdpa_backend_greedy_tokens() -> None:
         assert core.stats.num_prefix_hit_tokens > 0
         assert core.is_idle_and_whole()
     assert results["triton"] == results["sdpa"]
+
+
+@pytest.mark.usefixtures("interpreted")
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+# Padding rows carry uninitialized attention outputs, which numpy (under the interpreter) may
+# overflow on; rows never mix, and only real rows' logits are read.
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_the_graphs_padded_buffers_give_the_sdpa_backend_greedy_tokens(
+    async_scheduling: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a CUDA graph replays, run eagerly: decode steps padded to their batch bucket, and
+    single-prompt steps padded to their prefill bucket over fixed buffers (capture itself is
+    GPU-only). Ragged decodes, chunks over a cached prefix, pending tokens fed on the device."""
+    from kvmesh.engine import cuda_graphs
+
+    replayed: list[tuple[str, int]] = []
+
+    def replay(self: cuda_graphs._Graphs, bucket: int) -> torch.Tensor:
+        replayed.append((self.kind, bucket))
+        return self._forward(bucket)
+
+    monkeypatch.setattr(cuda_graphs._Graphs, "_replay", replay)
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    results = {}
+    for backend in ("sdpa", "triton"):
+        config = EngineConfig(
+            model="dummy:llama-tiny",
+            device="cpu",
+            dtype="float32",
+            block_size=4,
+            num_blocks=128,
+            max_num_batched_tokens=16,
+            max_num_seqs=8,
+            attention_backend=backend,
+            async_scheduling=async_scheduling,
+        )
+        core = TorchCore(config, show_progress=False)
+        if backend == "triton":
+            runner = core.runner
+            assert isinstance(runner.attention, triton_backend.TritonBackend)
+            runner.graphs = cuda_graphs.DecodeGraphs(
+                core.model, core.kv_cache, runner.attention, max_batch=8, max_model_len=128
+            )
+            runner.prefill_graphs = cuda_graphs.PrefillGraphs(
+                core.model, core.kv_cache, max_tokens=16, max_model_len=128
+            )
+            for graphs in (runner.graphs, runner.prefill_graphs):
+                graphs._graphs = dict.fromkeys(graphs._buckets)  # type: ignore[arg-type]
+        prompts = _prompts()
+        generate(core, prompts[:1], params)
+        results[backend] = generate(core, prompts, params)
+        assert core.is_idle_and_whole()
+    assert results["triton"] == results["sdpa"]
+    kinds = {kind for kind, _ in replayed}
+    assert kinds == {"decode", "prefill"}, replayed
