@@ -19,12 +19,13 @@ decode efficiency). A mixed step adds both, reading the weights once. Every step
 overhead.
 
 The constants (`gpus.CALIBRATION`, one row per GPU) are fitted to kvmesh's torch engine as
-measured on one H100 (Llama-3.1-8B bf16, triton backend, CUDA graphs, 2026-12-07): prefill at
-0.66 of the bf16 peak, decode at 0.72 of HBM bandwidth, 0.3 ms per step, which reproduce the
-measured prefill (44.5-45.9k tokens/s for 2048 tokens) and decode steps (6.4 ms at batch 1 to
-13.5 ms at batch 32, context 4096) within 6%. Small prefill chunks over a long cached prefix
-come out faster than measured (about 12 ms against 15.9 ms for 512 new tokens over 1,536):
-the per-step CPU work a long chunk hides is not modelled. `gpus.py` has the details.
+measured on H100s (Llama-3.1-8B bf16, triton backend, CUDA graphs, async scheduling,
+2026-12-07): prefill at 0.63 of the bf16 peak, decode at 0.79 of HBM bandwidth, 0.7 ms per
+step, which reproduce the measured prefill (42.9-44.9k tokens/s for 2048 tokens) and decode
+steps (6.3 ms at batch 1 to 12.4 ms at batch 32, context 4096) within 4%. Small prefill chunks
+over a long cached prefix come out faster than measured (12.9 ms against 14.3-14.7 ms for 512
+new tokens over 1,536): the per-step CPU work a long chunk hides is not modelled. `gpus.py`
+has the details.
 Datasheet peaks: H100 989 TFLOP/s, 3.35 TB/s, 80 GB; H200 989 TFLOP/s, 4.8 TB/s, 141 GB; A100
 312 TFLOP/s, 2.04 TB/s, 80 GB; L40S 362 TFLOP/s, 0.86 TB/s, 48 GB.
 

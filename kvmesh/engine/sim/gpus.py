@@ -8,15 +8,15 @@ overrides one worker's row for experiments.
 Where the numbers come from (see also the package docstring):
 
 - Datasheets: H100 SXM5 80 GB, H200 SXM 141 GB, A100 SXM4 80 GB, L40S 48 GB (NVIDIA).
-- Calibration: kvmesh's torch engine as measured in this project on one H100 80GB HBM3
+- Calibration: kvmesh's torch engine as measured in this project on H100 80GB HBM3 hosts
   (2026-12-07, `kvmesh bench-engine --gpu --model dummy:llama-3.1-8b`: triton backend, CUDA
-  graphs, bf16; two runs): prefill of 2048 tokens 44,500-45,900 tokens/s; decode steps at
-  context 512 of 6.35-6.46 ms (batch 1), 7.70-7.85 ms (batch 32), 8.62-8.88 ms (batch 64), and
-  13.25-13.54 ms at context 4096, batch 32. The H100 row (prefill at 0.66 of the bf16 peak,
-  decode at 0.72 of HBM bandwidth, 0.3 ms per step) reproduces those within 6%. It does not
-  capture small prefill chunks as well: a 512-token chunk over a 1,536-token cached prefix took
-  15.9 ms, the model says about 12 ms (per-step CPU work and launch gaps that a longer chunk
-  hides). The other GPUs take the H100's efficiencies until they are measured.
+  graphs, async scheduling, bf16; two runs, docs/results/h100-llama8b-bench-engine-{5,6}.json):
+  prefill of 2048 tokens 42,900-44,900 tokens/s; decode steps at context 512 of 6.28 ms
+  (batch 1), 7.46-7.47 ms (batch 32), 8.23-8.24 ms (batch 64), and 12.44-12.45 ms at context
+  4096, batch 32. The H100 row (prefill at 0.63 of the bf16 peak, decode at 0.79 of HBM
+  bandwidth, 0.7 ms per step) reproduces those within 4%. It does not capture small prefill
+  chunks as well: a 512-token chunk over a 1,536-token cached prefix took 14.3-14.7 ms, the
+  model says 12.9 ms. The other GPUs take the H100's efficiencies until they are measured.
 """
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ _H100 = "kvmesh torch engine on an H100, 2026-12-07 (see above)"
 _UNMEASURED = "the H100's efficiencies, not measured on this GPU"
 
 CALIBRATION: dict[str, Calibration] = {
-    "H100": Calibration(0.66, 0.72, 0.3e-3, _H100),
-    "H200": Calibration(0.66, 0.72, 0.3e-3, _UNMEASURED),
-    "A100": Calibration(0.66, 0.72, 0.3e-3, _UNMEASURED),
-    "L40S": Calibration(0.66, 0.72, 0.3e-3, _UNMEASURED),
+    "H100": Calibration(0.63, 0.79, 0.7e-3, _H100),
+    "H200": Calibration(0.63, 0.79, 0.7e-3, _UNMEASURED),
+    "A100": Calibration(0.63, 0.79, 0.7e-3, _UNMEASURED),
+    "L40S": Calibration(0.63, 0.79, 0.7e-3, _UNMEASURED),
 }
