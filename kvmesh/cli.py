@@ -14,6 +14,7 @@ import click
 
 from kvmesh.engine.config import ATTENTION_BACKENDS, DTYPES, EngineConfig
 from kvmesh.errors import KvmeshError
+from kvmesh.security.roles import Role
 from kvmesh.telemetry import configure_logging
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -312,6 +313,13 @@ def bench_engine(
     metavar="ARG",
     help="the same for the decode workers: --decode-arg=--attention-backend --decode-arg=paged",
 )
+@click.option(
+    "--tls-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="mutual TLS between every service, with this directory's certificates (made with "
+    "`kvmesh certs init` if it has none)",
+)
 def up(
     model: str,
     num_prefill: int,
@@ -329,6 +337,7 @@ def up(
     worker_args: tuple[str, ...],
     prefill_args: tuple[str, ...],
     decode_args: tuple[str, ...],
+    tls_dir: Path | None,
 ) -> None:
     """Start the whole mesh on this machine: registry, workers, router, HTTP edge.
 
@@ -374,6 +383,7 @@ def up(
         extra_worker_args=list(worker_args),
         extra_prefill_args=list(prefill_args),
         extra_decode_args=list(decode_args),
+        tls_dir=tls_dir,
     )
     try:
         asyncio.run(run(config))
@@ -392,11 +402,58 @@ def up(
     show_default=True,
     help="repeat for several datacenters; each gets its own agent port (port+i)",
 )
-def registry(host: str, port: int, datacenters: tuple[str, ...]) -> None:
+@click.option(
+    "--tls-dir",
+    envvar="KVMESH_TLS_DIR",
+    default=None,
+    help="gRPC health checks with TLS use the registry certificate of this directory",
+)
+def registry(host: str, port: int, datacenters: tuple[str, ...], tls_dir: str | None) -> None:
     """Run the embedded Consul-compatible registry."""
     from kvmesh.discovery.registry import run_registry
 
+    _use_identity(tls_dir, Role.REGISTRY)
     asyncio.run(run_registry(list(datacenters), host, port))
+
+
+def _use_identity(tls_dir: str | None, role: Role) -> None:
+    from kvmesh.security import tls
+
+    try:
+        tls.configure(tls_dir, role)
+    except KvmeshError as e:
+        raise click.ClickException(str(e)) from e
+
+
+@main.group()
+def certs() -> None:
+    """Certificates for mutual TLS between kvmesh services."""
+
+
+@certs.command("init")
+@click.option("--dir", "directory", required=True, type=click.Path(path_type=Path))
+@click.option("--cluster", default="local", show_default=True, help="named in every identity")
+@click.option(
+    "--host",
+    "hosts",
+    multiple=True,
+    help="another DNS name or IP address for every certificate (repeatable)",
+)
+@click.option("--days", default=365, show_default=True, type=click.IntRange(min=1))
+@click.option("--force", is_flag=True, help="replace an existing CA and certificates")
+def certs_init(
+    directory: Path, cluster: str, hosts: tuple[str, ...], days: int, force: bool
+) -> None:
+    """Write a CA and, for each role, DIR/<role>.pem and DIR/<role>-key.pem, each certificate
+    naming its role as spiffe://kvmesh/<cluster>/<role>."""
+    from kvmesh.security import certs as certificates
+
+    try:
+        written = certificates.init(directory, cluster=cluster, hosts=hosts, days=days, force=force)
+    except KvmeshError as e:
+        raise click.ClickException(str(e)) from e
+    roles = ", ".join(r.value for r in Role)
+    click.echo(f"wrote a CA and certificates for {roles} to {directory} ({len(written)} files)")
 
 
 @main.command("bench-registry")

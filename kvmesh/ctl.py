@@ -39,6 +39,10 @@ from kvmesh.api.v1 import (
     controlplane_pb2,
     controlplane_pb2_grpc,
 )
+from kvmesh.errors import KvmeshError
+from kvmesh.rpc.channels import open_channel
+from kvmesh.security import tls
+from kvmesh.security.roles import Role
 
 # Scale and Cordon answer after a reconcile pass; DrainWorker after the drain (no deadline here:
 # the control plane's --drain-timeout-s bounds it).
@@ -96,7 +100,7 @@ class Target:
         click error (`Error: STATUS: message`, exit status 1)."""
 
         async def run() -> Any:
-            async with grpc.aio.insecure_channel(address) as channel:
+            async with open_channel(address, wait_for_ready=False) as channel:
                 metadata = [("authorization", f"Bearer {self.token}")] if self.token else []
                 rpc = getattr(stub_class(channel), method)
                 return await rpc(request, metadata=metadata, timeout=timeout_s)
@@ -174,10 +178,26 @@ def _policy_table(policy: autoscaler_pb2.ScalingPolicy) -> str:
 @click.option(
     "--admin-token", envvar="KVMESH_ADMIN_TOKEN", default=None, help="or $KVMESH_ADMIN_TOKEN"
 )
+@click.option(
+    "--tls-dir",
+    envvar="KVMESH_TLS_DIR",
+    default=None,
+    help="call with the admin certificate of this `kvmesh certs init` directory (mutual TLS)",
+)
 @click.pass_context
-def ctl(ctx: click.Context, autoscaler: str, controlplane: str, admin_token: str | None) -> None:
+def ctl(
+    ctx: click.Context,
+    autoscaler: str,
+    controlplane: str,
+    admin_token: str | None,
+    tls_dir: str | None,
+) -> None:
     """Operate the mesh: autoscaling policies and decisions, clusters, workers and deployments
     (admin RPCs)."""
+    try:
+        tls.configure(tls_dir, Role.ADMIN)
+    except KvmeshError as e:
+        raise click.ClickException(str(e)) from None
     ctx.obj = Target(autoscaler, controlplane, admin_token)
 
 

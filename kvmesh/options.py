@@ -12,7 +12,9 @@ import os
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
+from kvmesh.errors import KvmeshError
 from kvmesh.rpc.server import ServerConfig
+from kvmesh.security.roles import Role
 
 if TYPE_CHECKING:  # the engine's settings load only where engine options are added
     from kvmesh.engine.config import EngineConfig
@@ -37,6 +39,27 @@ def add_server_options(
         default=_SERVER["grace_s"] if grace_s is None else grace_s,
         help="how long in-flight calls get on stop",
     )
+    add_tls_options(parser)
+
+
+def add_tls_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tls-dir",
+        default=None,
+        help="mutual TLS with this `kvmesh certs init` directory's certificates "
+        "(default: $KVMESH_TLS_DIR; neither: plaintext)",
+    )
+
+
+def configure_tls(args: argparse.Namespace, role: Role) -> None:
+    """Set the process's TLS identity from `--tls-dir` (or $KVMESH_TLS_DIR): every gRPC server
+    and channel it opens then uses mutual TLS as `role`."""
+    from kvmesh.security import tls
+
+    try:
+        tls.configure(args.tls_dir, role)
+    except KvmeshError as e:
+        raise SystemExit(f"--tls-dir: {e}") from None
 
 
 def add_registry_options(parser: argparse.ArgumentParser) -> None:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -67,11 +69,18 @@ class Child:
         raise ValueError(f"{self.name} printed no {key}: {self.ready_line!r}")
 
 
-async def start_child(name: str, argv: list[str], log_dir: Path) -> Child:
-    """Start `argv` in its own session (a signal to the parent's group does not reach it)."""
+async def start_child(
+    name: str, argv: list[str], log_dir: Path, env: Mapping[str, str] | None = None
+) -> Child:
+    """Start `argv` in its own session (a signal to the parent's group does not reach it);
+    `env` is added to this process's environment."""
     log_path, log_file = _open_log(log_dir, name)
     process = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.PIPE, stderr=log_file, start_new_session=True
+        *argv,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=log_file,
+        start_new_session=True,
+        env={**os.environ, **env} if env else None,
     )
     return Child(name, process, log_file, log_path)
 

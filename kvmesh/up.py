@@ -35,6 +35,10 @@ import structlog
 from kvmesh import models, tiers
 from kvmesh.api.v1 import autoscaler_pb2, autoscaler_pb2_grpc
 from kvmesh.process import Child, start_child, stop_child, wait_ready
+from kvmesh.rpc.channels import open_channel
+from kvmesh.security import certs
+from kvmesh.security.roles import Role
+from kvmesh.security.tls import TLS_DIR_ENV, TlsIdentity
 
 __all__ = ["Child", "Mesh", "UpConfig", "run", "worker_devices"]
 
@@ -68,6 +72,7 @@ class UpConfig:
     extra_router_args: list[str] = field(default_factory=list)
     extra_edge_args: list[str] = field(default_factory=list)
     extra_controlplane_args: list[str] = field(default_factory=list)
+    tls_dir: Path | None = None  # mutual TLS between every service (certificates made if absent)
 
     @property
     def cluster_names(self) -> tuple[str, ...]:
@@ -98,6 +103,8 @@ class Mesh:
                 "per-tier worker arguments need the workers `up` starts: not with autoscale, "
                 "where the control plane starts them with the shared ones only"
             )
+        if config.tls_dir is not None and not (config.tls_dir / certs.CA_FILE).exists():
+            certs.init(config.tls_dir)
         # Convert the model once here, so the workers don't all do it at the same time.
         source = await asyncio.to_thread(models.resolve, config.model)
         self.model_id = source.model_id
@@ -195,6 +202,12 @@ class Mesh:
         )  # fmt: skip
         self.controlplane_address = controlplane.address
 
+    def _admin_channel(self, address: str) -> grpc.aio.Channel:
+        """A channel for admin RPCs: with the admin certificate when the mesh runs mutual TLS."""
+        tls_dir = self.config.tls_dir
+        identity = TlsIdentity.load(tls_dir, Role.ADMIN) if tls_dir is not None else None
+        return open_channel(address, wait_for_ready=False, identity=identity)
+
     def _admin_metadata(self) -> list[tuple[str, str]]:
         token = self.config.admin_token
         return [("authorization", f"Bearer {token}")] if token else []
@@ -202,7 +215,7 @@ class Mesh:
     async def _decided_under(self, minimums: dict[str, int]) -> None:
         """Wait until the autoscaler's latest decision of each tier used the policy just set."""
         deadline = time.monotonic() + self.config.start_timeout_s
-        async with grpc.aio.insecure_channel(self.autoscaler_address) as channel:
+        async with self._admin_channel(self.autoscaler_address) as channel:
             stub = autoscaler_pb2_grpc.AutoscalerStub(channel)
             while time.monotonic() < deadline:
                 response = await stub.ListDecisions(
@@ -225,7 +238,7 @@ class Mesh:
         """Store a scaling policy for the mesh's model through the autoscaler's RPC."""
         metadata = self._admin_metadata()
         proto_tier = tiers.to_proto(tier)
-        async with grpc.aio.insecure_channel(self.autoscaler_address) as channel:
+        async with self._admin_channel(self.autoscaler_address) as channel:
             stub = autoscaler_pb2_grpc.AutoscalerStub(channel)
             policy = await stub.GetPolicy(
                 autoscaler_pb2.GetPolicyRequest(model=self.model_id, tier=proto_tier),
@@ -301,7 +314,9 @@ class Mesh:
     async def _spawn(
         self, name: str, argv: list[str], ready_prefix: str, *, lines: int = 1
     ) -> Child:
-        child = await start_child(name, argv, self.config.log_dir)
+        tls_dir = self.config.tls_dir
+        env = {TLS_DIR_ENV: str(tls_dir)} if tls_dir is not None else None
+        child = await start_child(name, argv, self.config.log_dir, env)
         self.children.append(child)
         await wait_ready(child, ready_prefix, self.config.start_timeout_s, lines=lines)
         return child
@@ -360,7 +375,17 @@ def banner(mesh: Mesh) -> str:
         lines.append(f"  control plane (admin)   {mesh.controlplane_address}")
         ctl = f"kvmesh ctl --autoscaler {mesh.autoscaler_address} "
         ctl += f"--controlplane {mesh.controlplane_address}"
+        if config.tls_dir is not None:
+            ctl += f" --tls-dir {config.tls_dir}"
         lines.append(f"  try                     {ctl} clusters")
+    if config.tls_dir is not None:
+        lines.append(f"  mutual TLS (gRPC)       certificates in {config.tls_dir}/")
+        router = next(iter(mesh.routers.values()), "")
+        lines.append(
+            f"  grpcurl                 grpcurl -cacert {config.tls_dir}/ca.pem -cert "
+            f"{config.tls_dir}/admin.pem -key {config.tls_dir}/admin-key.pem -authority "
+            f"{certs.TARGET_NAME} {router} list"
+        )
     endpoints = "\n".join(lines)
     return f"""
 {endpoints}

@@ -28,6 +28,8 @@ import consul
 import consul.aio
 import structlog
 
+from kvmesh.security import tls
+from kvmesh.security.certs import TARGET_NAME
 from kvmesh.telemetry import metrics
 
 log = structlog.get_logger(__name__)
@@ -130,6 +132,8 @@ class Discovery:
         }
         if r.grpc_check_interval_s is not None:
             check |= {"GRPC": r.grpc_address, "Interval": _duration(r.grpc_check_interval_s)}
+            if tls.current() is not None:  # the service serves mutual TLS only
+                check |= {"GRPCUseTLS": True, "TLSServerName": TARGET_NAME}
         elif r.ttl_s is not None:
             check |= {"TTL": _duration(r.ttl_s)}
         else:

@@ -18,6 +18,8 @@ import structlog
 
 from kvmesh.rpc.interceptors import REQUEST_ID_KEY
 from kvmesh.rpc.server import MAX_MESSAGE_BYTES
+from kvmesh.security import tls
+from kvmesh.security.tls import TlsIdentity
 
 # Unary methods that are safe to send twice.
 IDEMPOTENT_METHODS: tuple[tuple[str, str], ...] = (
@@ -62,8 +64,11 @@ def open_channel(
     wait_for_ready: bool = True,
     idempotent: Sequence[tuple[str, str]] = IDEMPOTENT_METHODS,
     keepalive_time_s: float = 30.0,
+    identity: TlsIdentity | None = None,
 ) -> grpc.aio.Channel:
-    """An insecure channel to `target` ("host:port"); close it with `await channel.close()`."""
+    """A channel to `target` ("host:port"); close it with `await channel.close()`. With the
+    process's TLS identity set (`kvmesh.security.tls`), or `identity` given, a mutual-TLS
+    channel presenting it."""
     options: list[tuple[str, Any]] = [
         (
             "grpc.service_config",
@@ -80,6 +85,14 @@ def open_channel(
         ("grpc.initial_reconnect_backoff_ms", 100),
         ("grpc.max_reconnect_backoff_ms", 2000),
     ]
+    identity = identity or tls.current()
+    if identity is not None:
+        return grpc.aio.secure_channel(
+            target,
+            identity.channel_credentials(),
+            options=options + identity.channel_options(),
+            interceptors=_REQUEST_ID_INTERCEPTORS,
+        )
     return grpc.aio.insecure_channel(target, options=options, interceptors=_REQUEST_ID_INTERCEPTORS)
 
 

@@ -1,7 +1,9 @@
 """What every kvmesh RPC goes through on the server, in one wrapper per method.
 
 For each call: the request id (from `x-request-id` metadata, or a new one) is bound into
-structlog's contextvars and echoed in the trailing metadata; the authenticator (if any) runs;
+structlog's contextvars and echoed in the trailing metadata; on a mutual-TLS server the
+caller's role must be allowed the method (`kvmesh.security.authz`); the authenticator (if any,
+for admin tokens) runs;
 exceptions become the status codes of `kvmesh.rpc.errors`; latency and status are counted.
 Wrapping each method's handler once is cheaper than a chain of interceptors.
 """
@@ -18,12 +20,13 @@ import grpc
 import structlog
 
 from kvmesh.rpc.errors import status_of
+from kvmesh.security import authz
+from kvmesh.security.tls import peer_role
 from kvmesh.telemetry import metrics
 
 log = structlog.get_logger(__name__)
 
 REQUEST_ID_KEY = "x-request-id"
-_OPEN_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection")
 
 
 class Authenticator(Protocol):
@@ -32,9 +35,27 @@ class Authenticator(Protocol):
         ...
 
 
+class _Guard:
+    """What a call must pass before its handler runs: the caller's role may call the method
+    (mutual-TLS servers, `kvmesh.security.authz`), and the authenticator (admin tokens)."""
+
+    def __init__(self, authenticator: Authenticator | None, roles: bool) -> None:
+        self.authenticator = authenticator
+        self.roles = roles
+
+    def check(
+        self, method: str, metadata: Mapping[str, str], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        if self.roles:
+            authz.authorize(method, peer_role(context))
+        if self.authenticator is not None:
+            self.authenticator.authenticate(method, metadata)
+
+
 class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    def __init__(self, authenticator: Authenticator | None = None) -> None:
-        self._authenticator = authenticator
+    def __init__(self, authenticator: Authenticator | None = None, *, roles: bool = False) -> None:
+        """`roles`: authorize every call by the caller's role (servers with mutual TLS)."""
+        self._guard = _Guard(authenticator, roles)
 
     async def intercept_service(
         self,
@@ -46,14 +67,14 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         handler = await continuation(details)
         if handler is None:
             return handler
-        return _wrap(handler, details.method, self._authenticator)
+        return _wrap(handler, details.method, self._guard)
 
 
 def _wrap(
-    handler: grpc.RpcMethodHandler[Any, Any], method: str, authenticator: Authenticator | None
+    handler: grpc.RpcMethodHandler[Any, Any], method: str, guard: _Guard
 ) -> grpc.RpcMethodHandler[Any, Any]:
     service, _, name = method.lstrip("/").partition("/")
-    guarded = authenticator if service not in _OPEN_SERVICES else None
+    guarded = None if authz.is_open(method) else guard
     kwargs = {
         "request_deserializer": handler.request_deserializer,
         "response_serializer": handler.response_serializer,
@@ -106,9 +127,9 @@ class _Call:
             time.perf_counter() - self.started
         )
 
-    def authenticate(self, authenticator: Authenticator | None) -> None:
-        if authenticator is not None:
-            authenticator.authenticate(f"/{self.service}/{self.name}", self.metadata)
+    def authenticate(self, guard: _Guard | None) -> None:
+        if guard is not None:
+            guard.check(f"/{self.service}/{self.name}", self.metadata, self.context)
 
     async def fail(self, exc: BaseException) -> None:
         """Turn an exception into the call's status; always raises."""
@@ -134,12 +155,12 @@ def _unary(
     behavior: Callable[..., Awaitable[Any]],
     service: str,
     name: str,
-    authenticator: Authenticator | None,
+    guard: _Guard | None,
 ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
     async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         with _Call(service, name, context) as rpc:
             try:
-                rpc.authenticate(authenticator)
+                rpc.authenticate(guard)
                 return await behavior(request, context)
             except BaseException as e:
                 await rpc.fail(e)
@@ -151,12 +172,12 @@ def _streaming(
     behavior: Callable[..., Any],
     service: str,
     name: str,
-    authenticator: Authenticator | None,
+    guard: _Guard | None,
 ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]:
     async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         with _Call(service, name, context) as rpc:
             try:
-                rpc.authenticate(authenticator)
+                rpc.authenticate(guard)
                 result = behavior(request, context)
                 if hasattr(result, "__aiter__"):
                     async for response in result:

@@ -22,6 +22,8 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 from grpc_reflection.v1alpha import reflection
 
 from kvmesh.rpc.interceptors import Authenticator, ServerInterceptor
+from kvmesh.security import tls
+from kvmesh.security.tls import TlsIdentity
 
 log = structlog.get_logger(__name__)
 
@@ -60,12 +62,16 @@ class RpcServer:
         config: ServerConfig | None = None,
         *,
         authenticator: Authenticator | None = None,
+        identity: TlsIdentity | None = None,
     ) -> None:
+        """`identity`: serve mutual TLS with it, and authorize every call by the caller's role
+        (default: the process's identity, `kvmesh.security.tls.current()`; None: plaintext)."""
         self.config = config or ServerConfig()
         self._services = list(services)
         self._health = health_aio.HealthServicer()
+        self.identity = identity or tls.current()
         self._server = grpc.aio.server(
-            interceptors=[ServerInterceptor(authenticator)],
+            interceptors=[ServerInterceptor(authenticator, roles=self.identity is not None)],
             options=_server_options(self.config),
             maximum_concurrent_rpcs=self.config.max_concurrent_rpcs,
         )
@@ -92,12 +98,21 @@ class RpcServer:
             reflection.SERVICE_NAME,
         ]
         reflection.enable_server_reflection(names, self._server)
-        self.port = self._server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        address = f"{self.config.host}:{self.config.port}"
+        if self.identity is not None:
+            self.port = self._server.add_secure_port(address, self.identity.server_credentials())
+        else:
+            self.port = self._server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot bind {self.config.host}:{self.config.port}")
         await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._server.start()
-        log.info("rpc server started", address=self.address, services=names[:-2])
+        log.info(
+            "rpc server started",
+            address=self.address,
+            services=names[:-2],
+            mtls=self.identity.role.value if self.identity else None,
+        )
         return self.port
 
     async def set_serving(self, serving: bool) -> None:

@@ -24,6 +24,7 @@ from kvmesh.errors import StoppedError
 from kvmesh.rpc import RpcServer, ServerConfig, ServiceBinding
 from kvmesh.rpc.errors import FailedPreconditionError
 from kvmesh.rpc.service import ServiceSpec, run_service
+from kvmesh.security.roles import Role
 from kvmesh.telemetry import configure_logging, metrics
 from kvmesh.tiers import Tier
 from kvmesh.types import TransferMode
@@ -255,5 +256,6 @@ def main(tier: Tier, tier_binding: Callable[[WorkerRuntime], ServiceBinding]) ->
     parser = argparse.ArgumentParser(prog=f"python -m services.{tier}")
     add_worker_arguments(parser)
     args = parser.parse_args()
+    options.configure_tls(args, Role(tier.value))
     configure_logging(args.log_level)
     asyncio.run(run_worker(config_from_arguments(tier, args), tier_binding))

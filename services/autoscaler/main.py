@@ -23,6 +23,7 @@ from kvmesh.api.v1 import autoscaler_pb2, autoscaler_pb2_grpc
 from kvmesh.discovery import Discovery
 from kvmesh.rpc import RpcServer, ServerConfig, ServiceBinding, admin_authenticator
 from kvmesh.rpc.service import ServiceSpec, run_service
+from kvmesh.security.roles import Role
 from services.autoscaler.loop import DEFAULT_TICK_S, AutoscalerLoop, DecisionLog
 from services.autoscaler.observe import MeshObserver
 from services.autoscaler.servicer import AutoscalerServicer
@@ -71,6 +72,7 @@ def parse(argv: list[str] | None = None) -> tuple[AutoscalerConfig, str]:
         help="a model id (as workers register it) to size even while it has no replicas; repeat",
     )
     args = parser.parse_args(argv)
+    options.configure_tls(args, Role.AUTOSCALER)
     if args.tick_s <= 0:
         parser.error("--tick-s must be positive")
     config = AutoscalerConfig(

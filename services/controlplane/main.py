@@ -27,6 +27,7 @@ from kvmesh.api.v1 import controlplane_pb2, controlplane_pb2_grpc
 from kvmesh.discovery import Discovery
 from kvmesh.rpc import RpcServer, ServerConfig, ServiceBinding, admin_authenticator
 from kvmesh.rpc.service import ServiceSpec, run_service
+from kvmesh.security.roles import Role
 from services.controlplane.actuator import Actuator
 from services.controlplane.local import LocalActuator
 from services.controlplane.plane import DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_INTERVAL_S, ControlPlane
@@ -115,6 +116,7 @@ def parse(argv: list[str] | None = None) -> tuple[ControlPlaneConfig, str]:
         help="bearer token every ControlPlane RPC needs (default: $KVMESH_ADMIN_TOKEN)",
     )
     args = parser.parse_args(argv)
+    options.configure_tls(args, Role.CONTROLPLANE)
     if args.interval_s <= 0 or args.drain_timeout_s <= 0:
         parser.error("--interval-s and --drain-timeout-s must be positive")
     if args.capacity < 0:

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from kvmesh import options
+from kvmesh.security.roles import Role
 
 ROUTER_ENV = "KVMESH_ROUTER"
 REGISTRY_ENV = "CONSUL_HTTP_ADDR"
@@ -170,6 +171,7 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         help="seconds in-flight responses get on SIGTERM before they are cancelled",
     )
     options.add_logging_options(parser)
+    options.add_tls_options(parser)
     parser.add_argument(
         "--log-json",
         action=argparse.BooleanOptionalAction,
@@ -184,6 +186,7 @@ def parse_args(
 ) -> EdgeConfig:
     parser = build_parser(os.environ if env is None else env)
     args = parser.parse_args(argv)
+    options.configure_tls(args, Role.EDGE)  # its channels to the routers
     clusters = tuple(args.clusters or [(DEFAULT_CLUSTER, args.router)])
     try:
         return EdgeConfig(

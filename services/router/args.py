@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from kvmesh import options
 from kvmesh.rpc import ServerConfig
+from kvmesh.security.roles import Role
 from services.router.policy import POLICIES, PolicyConfig
 
 _SERVER = ServerConfig()
@@ -125,6 +126,7 @@ def parse(argv: list[str] | None = None) -> tuple[RouterConfig, str]:
     routing.add_argument("--kv-stall-s", type=float, default=_DEFAULTS.kv_stall_s)
     routing.add_argument("--seed", type=int, default=policy.seed, help="the random policy's seed")
     args = parser.parse_args(argv)
+    options.configure_tls(args, Role.ROUTER)
     config = RouterConfig(
         host=args.host,
         port=args.port,

@@ -23,6 +23,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kvmesh.discovery.registry.index import wait_event
 from kvmesh.discovery.registry.records import CRITICAL, PASSING, Check, CheckStatus
 from kvmesh.discovery.registry.state import Datacenter
+from kvmesh.security import tls
+from kvmesh.security.certs import TARGET_NAME
 
 log = structlog.get_logger(__name__)
 
@@ -119,5 +121,9 @@ async def _check_once(
 def _channel(address: str, use_tls: bool, server_name: str) -> grpc.aio.Channel:
     if not use_tls:
         return grpc.aio.insecure_channel(address)
+    identity = tls.current()
+    if identity is not None:  # mutual TLS: the registry presents its own certificate
+        options = [("grpc.ssl_target_name_override", server_name or TARGET_NAME)]
+        return grpc.aio.secure_channel(address, identity.channel_credentials(), options=options)
     options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
     return grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(), options=options)
