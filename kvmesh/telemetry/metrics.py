@@ -48,6 +48,12 @@ KV_TRANSFER_SECONDS = Histogram(
     "kvmesh_kv_transfer_seconds", "Duration of one request's KV transfer.",
     buckets=_LATENCY_BUCKETS,
 )  # fmt: skip
+KV_HANDLES = Counter(
+    "kvmesh_kv_handles_total",
+    "KV handles a decode worker was given: verified (used), unverified (its prefill worker is "
+    "not in discovery: computed locally), refused (forged, altered, expired, another prompt).",
+    ["outcome"],
+)
 
 # -- workers -------------------------------------------------------------------------------------
 WORKER_RUNNING_REQUESTS = Gauge(

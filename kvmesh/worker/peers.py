@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import grpc
 import structlog
 
-from kvmesh.api.v1 import worker_pb2, worker_pb2_grpc
+from kvmesh.api.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from kvmesh.kv.transfer.types import KvRegion
 from kvmesh.rpc import open_channel
 from kvmesh.rpc.errors import from_rpc_error
@@ -70,14 +70,15 @@ class PeerDirectory:
             channel = self._channels[address] = open_channel(address, wait_for_ready=False)
         return channel
 
-    async def release_lease(self, address: str, request_id: str) -> None:
-        stub = worker_pb2_grpc.KvTransferStub(self.channel(address))
+    async def release_lease(self, handle: common_pb2.KvHandle) -> None:
+        stub = worker_pb2_grpc.KvTransferStub(self.channel(handle.grpc_address))
+        request = worker_pb2.ReleaseLeaseRequest(
+            request_id=handle.request_id, release_token=handle.release_token
+        )
         try:
-            await stub.ReleaseLease(
-                worker_pb2.ReleaseLeaseRequest(request_id=request_id), timeout=5
-            )
+            await stub.ReleaseLease(request, timeout=5)
         except grpc.aio.AioRpcError as e:  # the lease will expire instead
-            log.warning("lease release failed", request_id=request_id, error=e.details())
+            log.warning("lease release failed", request_id=handle.request_id, error=e.details())
 
     async def close(self) -> None:
         for channel in self._channels.values():

@@ -19,15 +19,19 @@ from prometheus_client import REGISTRY
 
 from kvmesh import options
 from kvmesh.api.v1 import worker_pb2, worker_pb2_grpc
+from kvmesh.discovery import Discovery
 from kvmesh.engine import Engine, EngineConfig, create_engine
 from kvmesh.errors import StoppedError
 from kvmesh.rpc import RpcServer, ServerConfig, ServiceBinding
 from kvmesh.rpc.errors import FailedPreconditionError
 from kvmesh.rpc.service import ServiceSpec, run_service
+from kvmesh.security.handles import META_KEY as HANDLE_KEY_META
+from kvmesh.security.handles import HandleSigner
 from kvmesh.security.roles import Role
 from kvmesh.telemetry import configure_logging, metrics
 from kvmesh.tiers import Tier
 from kvmesh.types import TransferMode
+from kvmesh.worker.handle_keys import HandleKeys
 from kvmesh.worker.leases import LeaseTable
 from kvmesh.worker.servicers import KvTransferServicer, WorkerServicer
 
@@ -105,6 +109,8 @@ class WorkerRuntime:
         self._leases: LeaseTable | None = None
         self.server: RpcServer | None = None
         self.draining = False
+        self.handle_signer = HandleSigner()  # signs the KV handles this worker issues
+        self.handle_keys: HandleKeys | None = None  # finds the keys of the handles it is given
 
     @property
     def engine(self) -> Engine:
@@ -168,7 +174,10 @@ class WorkerRuntime:
             "kv_dtype": info.kv_dtype,
             "nixl_agent": self.worker_id if self._transfer is not None else "",
             "max_model_len": str(info.max_model_len),
+            HANDLE_KEY_META: self.handle_signer.public_key,
         }
+        if self.config.registry is not None:
+            self.handle_keys = HandleKeys(Discovery(self.config.registry))
 
     async def stop(self) -> None:
         if self._leases is not None:
@@ -177,6 +186,8 @@ class WorkerRuntime:
             await self._engine.stop()
         if self._transfer is not None:
             self._transfer.close()
+        if self.handle_keys is not None:
+            await self.handle_keys.close()
 
     def info(self) -> worker_pb2.WorkerInfo:
         info = self.engine.info

@@ -104,7 +104,7 @@ class KvTransferServicer(worker_pb2_grpc.KvTransferServicer):
     async def ReleaseLease(
         self, request: worker_pb2.ReleaseLeaseRequest, context: Any
     ) -> worker_pb2.ReleaseLeaseResponse:
-        released = await self._runtime.leases.release(request.request_id)
+        released = await self._runtime.leases.release(request.request_id, request.release_token)
         return worker_pb2.ReleaseLeaseResponse(released=released)
 
     async def GetTransferStats(self, request: Any, context: Any) -> worker_pb2.TransferStats:

@@ -27,8 +27,9 @@ from typing import Any
 import structlog
 
 from kvmesh.api.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from kvmesh.errors import InvalidRequestError
+from kvmesh.errors import AuthorizationError, InvalidRequestError
 from kvmesh.kv.errors import KvError, LayoutMismatchError
+from kvmesh.kv.hashing import root_hash
 from kvmesh.kv.layout import compatible
 from kvmesh.rpc import RpcCallError, ServiceBinding
 from kvmesh.sampling import SamplingParams
@@ -66,7 +67,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
         local_id = f"{request.request_id}#{uuid.uuid4().hex[:8]}"
         outputs: AsyncIterator[TokenOutput] | None = None
         transferred = 0
-        if request.HasField("kv_handle") and generated:
+        if request.HasField("kv_handle") and generated and await self._trusted(request):
             self._check_layout(request.kv_handle)
             if self._runtime.transfer_mode is TransferMode.ENGINE:
                 imported = await self._import_by_engine(local_id, request, sampling, generated[0])
@@ -91,6 +92,27 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
                 response.num_transferred_blocks = transferred
                 first = False
             yield response
+
+    async def _trusted(self, request: worker_pb2.DecodeRequest) -> bool:
+        """Whether to use the request's KV handle: PERMISSION_DENIED (nothing read, nothing
+        cached) for one forged, altered, expired or issued for another prompt; False for one
+        whose prefill worker this worker cannot check (not in discovery): the prompt is then
+        computed here (`kvmesh.security.handles`)."""
+        handle, keys = request.kv_handle, self._runtime.handle_keys
+        root = root_hash(self._runtime.engine.info.model_id)
+        try:
+            if keys is not None and await keys.check(handle, request.prompt_token_ids, root):
+                metrics.KV_HANDLES.labels("verified").inc()
+                return True
+        except AuthorizationError:
+            metrics.KV_HANDLES.labels("refused").inc()
+            raise
+        metrics.KV_HANDLES.labels("unverified").inc()
+        log.warning(
+            "KV handle from a prefill worker not in discovery; computing locally",
+            worker_id=handle.worker_id,
+        )
+        return False
 
     def _check_layout(self, handle: common_pb2.KvHandle) -> None:
         """Refuse KV this worker cannot read before anything is fetched or reserved."""
@@ -123,12 +145,15 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
             if remote:
                 started = time.perf_counter()
                 result = await self._runtime.transfer.read_blocks(
-                    peer, remote, plan.blocks_to_fill, notify=release_message(handle.request_id)
+                    peer,
+                    remote,
+                    plan.blocks_to_fill,
+                    notify=release_message(handle.request_id, handle.release_token),
                 )
                 metrics.KV_TRANSFER_BYTES.labels("received").inc(result.num_bytes)
                 metrics.KV_TRANSFER_SECONDS.observe(time.perf_counter() - started)
             else:  # everything was cached here: release the lease by RPC
-                self._spawn(self.peers.release_lease(handle.grpc_address, handle.request_id))
+                self._spawn(self.peers.release_lease(handle))
         except KvError as e:
             await engine.abort(local_id)
             self.peers.forget(handle.worker_id)
@@ -153,7 +178,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
         except KvError as e:  # the engine could not fetch it (peer gone, expired)
             log.warning("engine KV transfer failed; computing locally", error=str(e))
             return None
-        self._spawn(self.peers.release_lease(handle.grpc_address, handle.request_id))
+        self._spawn(self.peers.release_lease(handle))
         moved = len(plan.block_ids) - plan.num_cached_blocks
         return engine.generate_imported(plan, first_token), moved
 

@@ -8,9 +8,11 @@ import structlog
 
 from kvmesh.api.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from kvmesh.errors import InvalidRequestError
+from kvmesh.kv.hashing import root_hash
 from kvmesh.rpc import ServiceBinding
 from kvmesh.types import GenerateRequest
 from kvmesh.worker import convert
+from kvmesh.worker.leases import new_release_token
 from kvmesh.worker.runtime import WorkerRuntime
 
 log = structlog.get_logger(__name__)
@@ -50,7 +52,8 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
             response.first_logprob.CopyFrom(convert.logprobs_to_proto(first.logprobs)[0])
         export = result.export
         if export is not None:
-            runtime.leases.grant(export.request_id, lease_s)
+            token = new_release_token()
+            runtime.leases.grant(export.request_id, lease_s, token)
             response.kv_handle.CopyFrom(
                 common_pb2.KvHandle(
                     request_id=export.request_id,
@@ -63,7 +66,14 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
                     layout_fingerprint=export.layout_fingerprint,
                     lease_expiry=convert.timestamp(lease_s),
                     engine_state=export.opaque,
+                    release_token=token,
                 )
+            )
+            runtime.handle_signer.bind(
+                response.kv_handle,
+                engine_request.prompt_token_ids,
+                export.block_size,
+                root_hash(runtime.engine.info.model_id),
             )
         return response
 

@@ -367,7 +367,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         stub = worker_pb2_grpc.KvTransferStub(worker.channel)
         try:
             await stub.ReleaseLease(
-                worker_pb2.ReleaseLeaseRequest(request_id=handle.request_id), timeout=5
+                worker_pb2.ReleaseLeaseRequest(
+                    request_id=handle.request_id, release_token=handle.release_token
+                ),
+                timeout=5,
             )
         except grpc.aio.AioRpcError as e:
             log.warning("lease release failed; it will expire", error=e.details())

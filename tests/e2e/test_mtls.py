@@ -100,9 +100,7 @@ def expected() -> list[int]:
     return generate(reference, [prompt], greedy)[0]
 
 
-async def test_the_disaggregated_path_runs_over_mutual_tls(
-    mesh: Mesh, expected: list[int]
-) -> None:
+async def test_the_disaggregated_path_runs_over_mutual_tls(mesh: Mesh, expected: list[int]) -> None:
     decode = only(mesh, "decode")
     moved_before = await metric(decode, "kvmesh_kv_transfer_bytes_total")
     answer = await ask(mesh, Role.ADMIN)

@@ -278,7 +278,12 @@ async def test_decode_refuses_a_handle_it_cannot_read_and_leaks_nothing(
     assert await metric(decode, "kvmesh_engine_kv_blocks_used") == used_before
     async with grpc_channel(prefill) as channel:
         transfer = worker_pb2_grpc.KvTransferStub(channel)
-        released = await transfer.ReleaseLease(worker_pb2.ReleaseLeaseRequest(request_id="refused"))
+        release = worker_pb2.ReleaseLeaseRequest(request_id="refused")
+        with pytest.raises(grpc.aio.AioRpcError) as not_holder:  # no token: not the holder
+            await transfer.ReleaseLease(release)
+        assert not_holder.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        release.release_token = handle.release_token
+        released = await transfer.ReleaseLease(release)
         assert released.released
         stats = await transfer.GetTransferStats(worker_pb2.GetTransferStatsRequest())
     assert stats.pinned_blocks == 0 and stats.active_leases == 0

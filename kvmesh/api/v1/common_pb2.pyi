@@ -279,6 +279,10 @@ class KvHandle(_message.Message):
     LAYOUT_FINGERPRINT_FIELD_NUMBER: _builtins.int
     LEASE_EXPIRY_FIELD_NUMBER: _builtins.int
     ENGINE_STATE_FIELD_NUMBER: _builtins.int
+    BLOCK_HASHES_FIELD_NUMBER: _builtins.int
+    PROMPT_DIGEST_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    RELEASE_TOKEN_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     worker_id: _builtins.str
     """the prefill worker holding the blocks"""
@@ -293,10 +297,26 @@ class KvHandle(_message.Message):
     """blocks move only between equal layouts"""
     engine_state: _builtins.bytes
     """engines that move KV themselves (TensorRT-LLM)"""
+    prompt_digest: _builtins.bytes
+    signature: _builtins.bytes
+    """Ed25519 signature by the issuing prefill worker over every field above (its public key is
+    in its discovery registration, meta "handle_key").
+    """
+    release_token: _builtins.bytes
+    """The lease's capability: a release counts only with it (KvTransfer.ReleaseLease, or the
+    NIXL notification that completes the READ). Only the handle's holder has it.
+    """
     @_builtins.property
     def block_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
     def lease_expiry(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def block_hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """What the KV belongs to: the chained hashes of the prompt's full blocks (as the prefix cache
+        keys them) and a SHA-256 of every prompt token. A decode worker recomputes both from the
+        prompt it is given and reads nothing unless they match.
+        """
+
     def __init__(
         self,
         *,
@@ -310,10 +330,14 @@ class KvHandle(_message.Message):
         layout_fingerprint: _builtins.str = ...,
         lease_expiry: _timestamp_pb2.Timestamp | None = ...,
         engine_state: _builtins.bytes = ...,
+        block_hashes: _abc.Iterable[_builtins.int] | None = ...,
+        prompt_digest: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+        release_token: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lease_expiry", b"lease_expiry"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_ids", b"block_ids", "block_size", b"block_size", "engine_state", b"engine_state", "grpc_address", b"grpc_address", "layout_fingerprint", b"layout_fingerprint", "lease_expiry", b"lease_expiry", "nixl_agent", b"nixl_agent", "num_tokens", b"num_tokens", "request_id", b"request_id", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_hashes", b"block_hashes", "block_ids", b"block_ids", "block_size", b"block_size", "engine_state", b"engine_state", "grpc_address", b"grpc_address", "layout_fingerprint", b"layout_fingerprint", "lease_expiry", b"lease_expiry", "nixl_agent", b"nixl_agent", "num_tokens", b"num_tokens", "prompt_digest", b"prompt_digest", "release_token", b"release_token", "request_id", b"request_id", "signature", b"signature", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -71,7 +71,7 @@ def test_an_identity_loads_only_with_all_its_files_and_its_own_role(
 ) -> None:
     identity = TlsIdentity.load(tls_dir, Role.ROUTER)
     assert identity.role is Role.ROUTER
-    with pytest.raises(InvalidRequestError, match="lacks .*router.pem"):
+    with pytest.raises(InvalidRequestError, match=r"lacks .*router\.pem"):
         TlsIdentity.load(tmp_path, Role.ROUTER)
     (tmp_path / "ca.pem").write_bytes((tls_dir / "ca.pem").read_bytes())
     (tmp_path / "router.pem").write_bytes((tls_dir / "edge.pem").read_bytes())  # wrong role

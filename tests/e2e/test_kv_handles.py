@@ -1,0 +1,120 @@
+"""Lease-bound KV handles on a plain mesh (no TLS), as real processes on 127.0.0.1.
+
+Anyone who reaches a plaintext port can call Prefill and get a genuine handle; before handles
+were signed and bound to their prompt, replaying one with another prompt made the decode worker
+cache the first prompt's KV under the second prompt's hashes. Now the decode worker refuses a
+handle that is forged, altered or presented with another prompt, reads nothing, and its prefix
+cache is unchanged; a genuine handle with its own prompt still moves the KV.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from kvmesh.api.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from kvmesh.up import Child, Mesh
+from tests.e2e.mesh import grpc_channel, metric, running_mesh
+
+GREEDY = common_pb2.SamplingParams(max_tokens=4, temperature=0)
+PROMPT_A = list(range(200, 264))  # 64 tokens: four full blocks of 16
+PROMPT_B = list(range(300, 364))
+
+
+@pytest.fixture(scope="module")
+async def mesh(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Mesh]:
+    async with running_mesh(Path(tmp_path_factory.mktemp("handles"))) as running:
+        yield running
+
+
+def only(mesh: Mesh, tier: str) -> Child:
+    (child,) = mesh.workers(tier)
+    return child
+
+
+async def prefill(mesh: Mesh, request_id: str, prompt: list[int]) -> worker_pb2.PrefillResponse:
+    async with grpc_channel(only(mesh, "prefill")) as channel:
+        response: worker_pb2.PrefillResponse = await worker_pb2_grpc.PrefillStub(channel).Prefill(
+            worker_pb2.PrefillRequest(
+                request_id=request_id, prompt_token_ids=prompt, sampling=GREEDY
+            ),
+            timeout=60,
+        )
+    assert response.HasField("kv_handle")
+    return response
+
+
+async def decode(
+    mesh: Mesh, prompt: list[int], first: int, handle: common_pb2.KvHandle
+) -> list[int]:
+    request = worker_pb2.DecodeRequest(
+        request_id=handle.request_id,
+        prompt_token_ids=prompt,
+        generated_token_ids=[first],
+        sampling=GREEDY,
+        kv_handle=handle,
+    )
+    tokens: list[int] = []
+    async with grpc_channel(only(mesh, "decode")) as channel:
+        async for response in worker_pb2_grpc.DecodeStub(channel).Decode(request, timeout=60):
+            tokens += response.token_ids
+    return tokens
+
+
+async def cached_hashes(mesh: Mesh) -> set[int]:
+    async with grpc_channel(only(mesh, "decode")) as channel:
+        snapshot = await worker_pb2_grpc.WorkerStub(channel).GetKvSnapshot(
+            worker_pb2.GetKvSnapshotRequest(), timeout=10
+        )
+    return set(snapshot.block_hashes)
+
+
+async def release(mesh: Mesh, handle: common_pb2.KvHandle, token: bytes) -> bool:
+    async with grpc_channel(only(mesh, "prefill")) as channel:
+        response = await worker_pb2_grpc.KvTransferStub(channel).ReleaseLease(
+            worker_pb2.ReleaseLeaseRequest(request_id=handle.request_id, release_token=token),
+            timeout=10,
+        )
+    return response.released
+
+
+async def refused(mesh: Mesh, prompt: list[int], first: int, handle: common_pb2.KvHandle) -> str:
+    before = await cached_hashes(mesh)
+    received = await metric(only(mesh, "decode"), "kvmesh_kv_transfer_bytes_total")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await decode(mesh, prompt, first, handle)
+    assert caught.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert await cached_hashes(mesh) == before  # nothing cached under the prompt's hashes
+    assert await metric(only(mesh, "decode"), "kvmesh_kv_transfer_bytes_total") == received
+    return caught.value.details() or ""
+
+
+async def test_a_genuine_handle_replayed_with_another_prompt_is_refused(mesh: Mesh) -> None:
+    issued = await prefill(mesh, "replay", PROMPT_A)
+    details = await refused(mesh, PROMPT_B, issued.first_token_id, issued.kv_handle)
+    assert "issued for another prompt" in details
+    # The same handle with its own prompt is genuine: the KV moves and is cached.
+    received = await metric(only(mesh, "decode"), "kvmesh_kv_transfer_bytes_total")
+    assert len(await decode(mesh, PROMPT_A, issued.first_token_id, issued.kv_handle)) == 3
+    assert await metric(only(mesh, "decode"), "kvmesh_kv_transfer_bytes_total") > received
+
+
+async def test_a_forged_handle_is_refused_and_the_mesh_serves_on(mesh: Mesh) -> None:
+    issued = await prefill(mesh, "forged", PROMPT_B)
+    forged = common_pb2.KvHandle()
+    forged.CopyFrom(issued.kv_handle)
+    forged.block_ids[0] = 0  # another request's block
+    details = await refused(mesh, PROMPT_B, issued.first_token_id, forged)
+    assert "forged or altered" in details
+    with pytest.raises(grpc.aio.AioRpcError) as not_holder:  # a release without the token
+        await release(mesh, issued.kv_handle, b"guessed-token")
+    assert not_holder.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert "held by another peer" in (not_holder.value.details() or "")
+    assert await release(mesh, issued.kv_handle, issued.kv_handle.release_token)
+    prefill_worker = only(mesh, "prefill")
+    assert await metric(prefill_worker, "kvmesh_worker_leases_active") == 0
+    issued = await prefill(mesh, "after", PROMPT_B)
+    assert len(await decode(mesh, PROMPT_B, issued.first_token_id, issued.kv_handle)) == 3
