@@ -27,6 +27,7 @@ class GenerateRequest:
     request_id: str
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    cache_salt: str = ""  # folded into the prompt's block hashes: hits only the same salt's
 
 
 @dataclass(slots=True)

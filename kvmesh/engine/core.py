@@ -98,13 +98,12 @@ class EngineCore:
         self.pool = BlockPool(info.num_blocks, enable_prefix_cache=config.enable_prefix_cache)
         self.block_size = info.block_size
         self.max_model_len = info.max_model_len
-        self.root_hash = root_hash(info.model_id)
+        self.root_hash = root_hash(info.model_id)  # unsalted; each sequence has its own root
         self.scheduler = Scheduler(
             self.pool,
             block_size=info.block_size,
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
-            root_hash=self.root_hash,
         )
         eos = set(eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
@@ -204,7 +203,7 @@ class EngineCore:
         self._check_new_id(request.request_id)
         self._check_export(request, export)
         seq = self._new_sequence(request, SeqKind.IMPORTED)
-        seq.extend_hashes(self.block_size, self.root_hash)
+        seq.extend_hashes(self.block_size)
         hits = self.pool.lookup(seq.block_hashes)
         needed = len(export.block_ids) - len(hits)
         reclaimed = sum(1 for b in hits if self.pool.ref_count(b) == 0)
@@ -427,15 +426,16 @@ class EngineCore:
             sampler=self.executor.make_sampler(params),
             kind=kind,
             detokenizer=detokenizer,
+            root=root_hash(self.info.model_id, salt=request.cache_salt),
         )
 
     def _register_full_blocks(self, seq: Sequence) -> None:
         """Put the full blocks whose tokens are computed and known in the prefix cache."""
-        seq.extend_hashes(self.block_size, self.root_hash)
+        seq.extend_hashes(self.block_size)
         full = min(seq.num_computed_tokens // self.block_size, len(seq.block_hashes))
         first = seq.num_registered_blocks
         if full > first:
-            parent = seq.block_hashes[first - 1] if first else self.root_hash
+            parent = seq.block_hashes[first - 1] if first else seq.root
             self.pool.cache(seq.block_ids[first:full], seq.block_hashes[first:full], parent)
             seq.num_registered_blocks = full
 

@@ -51,13 +51,11 @@ class Scheduler:
         block_size: int,
         max_num_seqs: int,
         max_num_batched_tokens: int,
-        root_hash: BlockHash,
     ) -> None:
         self.pool = pool
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.root_hash = root_hash
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self._hit_tokens = 0
@@ -143,7 +141,7 @@ class Scheduler:
         """Whether the first block `seq` would compute is being computed by another sequence."""
         if not in_flight or seq.block_ids:
             return False
-        seq.extend_hashes(self.block_size, self.root_hash)
+        seq.extend_hashes(self.block_size)
         usable = (seq.num_tokens - 1) // self.block_size
         first_missing = len(self.pool.lookup(seq.block_hashes[:usable]))
         return first_missing < usable and seq.block_hashes[first_missing] in in_flight
@@ -187,7 +185,7 @@ class Scheduler:
             return 0
         hits = []
         if not seq.block_ids:
-            seq.extend_hashes(self.block_size, self.root_hash)
+            seq.extend_hashes(self.block_size)
             # Leave at least the last token to compute: its logits give the next token.
             usable = (seq.num_tokens - 1) // self.block_size
             hits = self.pool.lookup(seq.block_hashes[:usable])

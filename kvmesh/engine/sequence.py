@@ -17,6 +17,8 @@ from kvmesh.sampling import SamplingParams
 from kvmesh.text.detokenizer import IncrementalDetokenizer
 from kvmesh.types import FinishReason
 
+_NO_ROOT = BlockHash(0)  # the engine sets a sequence's root when it makes it
+
 PENDING = -1
 """A token sampled on the device whose value the host has not read yet."""
 
@@ -41,6 +43,8 @@ class Sequence:
     sampling: SamplingParams
     sampler: Any  # the executor's per-request sampling state
     kind: SeqKind = SeqKind.GENERATE
+    # The parent of its first block: the model and the request's cache salt (kv/hashing.py).
+    root: BlockHash = _NO_ROOT
     detokenizer: IncrementalDetokenizer | None = None
     state: SeqState = SeqState.WAITING
     block_ids: list[BlockId] = field(default_factory=list)
@@ -81,11 +85,11 @@ class Sequence:
         """More than the last sampled token is still to run (a prompt, or a recompute)."""
         return self.num_uncomputed_tokens > 1
 
-    def extend_hashes(self, block_size: int, root: BlockHash) -> None:
+    def extend_hashes(self, block_size: int) -> None:
         """Hash the full blocks of known tokens not hashed yet (never a PENDING one)."""
         if self.num_resolved_tokens // block_size <= len(self.block_hashes):
             return
-        parent = self.block_hashes[-1] if self.block_hashes else root
+        parent = self.block_hashes[-1] if self.block_hashes else self.root
         tokens = self.token_ids[: self.num_resolved_tokens] if self.num_pending else self.token_ids
         self.block_hashes += hash_blocks(
             tokens, block_size, parent, start_block=len(self.block_hashes)

@@ -29,10 +29,18 @@ _ROOT_DOMAIN = b"kvmesh/v1"
 _MAX_TOKEN_ID = 2**32 - 1
 
 
-def root_hash(model_id: str, adapter: str = "") -> BlockHash:
-    """The parent of a sequence's first block: folds the model (and adapter) into every hash."""
-    material = b"\x00".join((_ROOT_DOMAIN, model_id.encode(), adapter.encode()))
-    return BlockHash(xxhash.xxh3_64_intdigest(material, seed=HASH_SEED))
+def root_hash(model_id: str, adapter: str = "", salt: str = "") -> BlockHash:
+    """The parent of a sequence's first block: folds the model (and adapter, and a cache salt)
+    into every hash. Different salts share no block: tenants do not see each other's cache."""
+    parts = [_ROOT_DOMAIN, model_id.encode(), adapter.encode()]
+    if salt:
+        parts.append(b"salt:" + salt.encode())
+    return BlockHash(xxhash.xxh3_64_intdigest(b"\x00".join(parts), seed=HASH_SEED))
+
+
+def tenant_salt(tenant: str, cache_salt: str) -> str:
+    """The salt a request's blocks are hashed with: its tenant's and its own, together."""
+    return f"{tenant}\x00{cache_salt}" if tenant or cache_salt else ""
 
 
 def _token_bytes(token_ids: Sequence[int]) -> bytes:

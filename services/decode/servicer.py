@@ -78,7 +78,9 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
         if outputs is None:  # aggregated, migrated, or the prefill worker could not be read
             prompt = (*request.prompt_token_ids, *generated)
             params = replace(sampling, max_tokens=sampling.max_tokens - len(generated))
-            outputs = self._runtime.engine.generate(GenerateRequest(local_id, prompt, params))
+            outputs = self._runtime.engine.generate(
+                GenerateRequest(local_id, prompt, params, cache_salt=request.cache_salt)
+            )
         first = True
         async for out in outputs:
             response = worker_pb2.DecodeResponse(
@@ -99,7 +101,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
         whose prefill worker this worker cannot check (not in discovery): the prompt is then
         computed here (`kvmesh.security.handles`)."""
         handle, keys = request.kv_handle, self._runtime.handle_keys
-        root = root_hash(self._runtime.engine.info.model_id)
+        root = root_hash(self._runtime.engine.info.model_id, salt=request.cache_salt)
         try:
             if keys is not None and await keys.check(handle, request.prompt_token_ids, root):
                 metrics.KV_HANDLES.labels("verified").inc()
@@ -138,7 +140,9 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
         except (RpcCallError, KvError) as e:
             log.warning("prefill worker unreachable; computing locally", error=str(e))
             return None
-        engine_request = GenerateRequest(local_id, tuple(request.prompt_token_ids), sampling)
+        engine_request = GenerateRequest(
+            local_id, tuple(request.prompt_token_ids), sampling, cache_salt=request.cache_salt
+        )
         plan = await engine.reserve_import(engine_request, convert.handle_to_export(handle))
         remote = list(handle.block_ids[plan.num_cached_blocks :])
         try:
@@ -172,7 +176,9 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
         first_token: int,
     ) -> tuple[AsyncIterator[TokenOutput], int] | None:
         engine, handle = self._runtime.engine, request.kv_handle
-        engine_request = GenerateRequest(local_id, tuple(request.prompt_token_ids), sampling)
+        engine_request = GenerateRequest(
+            local_id, tuple(request.prompt_token_ids), sampling, cache_salt=request.cache_salt
+        )
         try:
             plan = await engine.reserve_import(engine_request, convert.handle_to_export(handle))
         except KvError as e:  # the engine could not fetch it (peer gone, expired)

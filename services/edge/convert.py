@@ -58,6 +58,7 @@ def chat_request(
             logprobs=bool(request.logprobs),
             top_logprobs=request.top_logprobs or 0,
         ),
+        cache_salt=request.cache_salt or "",
     )
 
 
@@ -71,7 +72,10 @@ def completion_request(
         top_logprobs=request.logprobs or 0,
     )
     out = generation_pb2.GenerateRequest(
-        request_id=request_id, model=request.model, sampling=sampling
+        request_id=request_id,
+        model=request.model,
+        sampling=sampling,
+        cache_salt=request.cache_salt or "",
     )
     if isinstance(request.prompt, str):
         out.text = request.prompt

@@ -16,7 +16,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+)
 
 from services.edge.errors import InvalidRequestError
 
@@ -56,6 +63,8 @@ class _GenerationRequest(_Model):
     top_k: Int32 | None = None
     ignore_eos: bool | None = None
     stop_token_ids: list[Uint32] | None = None
+    # vLLM's: the request hits only prefix-cache blocks of requests with the same salt
+    cache_salt: Annotated[str, StringConstraints(min_length=1, max_length=256)] | None = None
 
     @field_validator("stop", mode="before")
     @classmethod

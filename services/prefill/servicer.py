@@ -39,6 +39,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
             request.request_id,
             tuple(request.prompt_token_ids),
             convert.sampling_from_proto(request.sampling),
+            cache_salt=request.cache_salt,
         )
         result = await runtime.engine.prefill(engine_request)
         first = result.first
@@ -73,7 +74,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
                 response.kv_handle,
                 engine_request.prompt_token_ids,
                 export.block_size,
-                root_hash(runtime.engine.info.model_id),
+                root_hash(runtime.engine.info.model_id, salt=request.cache_salt),
             )
         return response
 

@@ -50,8 +50,9 @@ class Planner:
     def policy(self) -> str:
         return self._router.config.policy
 
-    def plan(self, prompt: Sequence[int], *, record: bool = True) -> Plan:
-        """Choose the decode worker and, when disaggregating, the prefill worker.
+    def plan(self, prompt: Sequence[int], *, salt: str = "", record: bool = True) -> Plan:
+        """Choose the decode worker and, when disaggregating, the prefill worker. `salt`: the
+        request's cache salt (tenant isolation), folded into its block hashes as workers do.
 
         `record=False` (ExplainRoute) changes nothing: no metrics, no approximate entries.
         """
@@ -60,7 +61,7 @@ class Planner:
         if not infos:
             raise UnavailableError("no decode worker is available")
         block_size = infos[0].block_size
-        hashes = hash_blocks(prompt, block_size, self._root(infos[0].model))
+        hashes = hash_blocks(prompt, block_size, self._root(infos[0].model, salt))
         decision = self._choose("decode", hashes, len(prompt), block_size, decode_workers, record)
         plan = Plan(hashes, block_size, len(prompt), decision, None)
         decode = decision.chosen
@@ -69,7 +70,7 @@ class Planner:
         assert decode_info is not None
         if decode_info.block_size != block_size:  # decode workers differ: hash as this one does
             plan.block_size = decode_info.block_size
-            plan.hashes = hash_blocks(prompt, plan.block_size, self._root(decode_info.model))
+            plan.hashes = hash_blocks(prompt, plan.block_size, self._root(decode_info.model, salt))
         if decode.new_tokens < self._disagg_min_tokens or not self._pool.candidates("prefill"):
             return plan
         prefill_workers = self._pool.candidates("prefill", paired_with=decode.worker)
@@ -127,7 +128,9 @@ class Planner:
         )
         return decision
 
-    def _root(self, model: str) -> BlockHash:
+    def _root(self, model: str, salt: str) -> BlockHash:
+        if salt:  # one per tenant and salt: not worth keeping
+            return root_hash(model, salt=salt)
         root = self._roots.get(model)
         if root is None:
             root = self._roots[model] = root_hash(model)

@@ -35,6 +35,7 @@ from kvmesh.api.v1 import (
     worker_pb2_grpc,
 )
 from kvmesh.errors import InvalidRequestError, ModelNotFoundError
+from kvmesh.kv.hashing import tenant_salt
 from kvmesh.rpc.errors import RpcCallError, UnavailableError, from_rpc_error
 from kvmesh.rpc.spill import wants_spill
 from kvmesh.sampling import SamplingParams
@@ -118,6 +119,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 sampling,
                 self._tokenizer,
                 return_token_ids=request.return_token_ids,
+                cache_salt=tenant_salt(request.tenant, request.cache_salt),
             )
             async for response in self._generate(stream, resumed):
                 yield response
@@ -127,14 +129,14 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     ) -> AsyncIterator[generation_pb2.GenerateResponse]:
         if resumed:
             # Like a migration: the decode worker computes prompt + resumed tokens itself.
-            plan = self._planner.plan(stream.prompt + resumed)
+            plan = self._planner.plan(stream.prompt + resumed, salt=stream.cache_salt)
             plan.prefill = None
             finished = stream.resume(resumed)
             if finished is not None:  # the resumed text already holds a stop string
                 yield finished
                 return
         else:
-            plan = self._planner.plan(stream.prompt)
+            plan = self._planner.plan(stream.prompt, salt=stream.cache_salt)
         handle: common_pb2.KvHandle | None = None
         path = "resumed" if resumed else "aggregated"
         try:
@@ -170,7 +172,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     ) -> generation_pb2.RouteExplanation:
         """Where Generate would send this request now, with every candidate's numbers."""
         prompt = self._tokenize(request)
-        plan = self._planner.plan(prompt, record=False)
+        salt = tenant_salt(request.tenant, request.cache_salt)
+        plan = self._planner.plan(prompt, salt=salt, record=False)
         explanation = generation_pb2.RouteExplanation(
             policy=self._planner.policy,
             prompt_tokens=len(prompt),
@@ -217,6 +220,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             request_id=stream.request_id,
             prompt_token_ids=stream.prompt,
             sampling=convert.sampling_to_proto(stream.sampling),
+            cache_salt=stream.cache_salt,
         )
         assert plan.prefill is not None
         decision = plan.prefill
@@ -268,6 +272,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 prompt_token_ids=stream.prompt,
                 generated_token_ids=stream.generated,
                 sampling=convert.sampling_to_proto(stream.sampling),
+                cache_salt=stream.cache_salt,
             )
             if handle is not None:
                 request.kv_handle.CopyFrom(handle)

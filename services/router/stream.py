@@ -29,8 +29,10 @@ class RequestStream:
         tokenizer: Tokenizer | None,
         *,
         return_token_ids: bool,
+        cache_salt: str = "",
     ) -> None:
         self.request_id = request_id
+        self.cache_salt = cache_salt  # tenant and request salt, as workers hash with it
         self.prompt = list(prompt)
         self.sampling = sampling
         self.generated: list[int] = []

@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from kvmesh.api.v1 import common_pb2 as kvmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1akvmesh/v1/generation.proto\x12\tkvmesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16kvmesh/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"8\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.kvmesh.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xd1\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12\'\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x17.kvmesh.v1.ChatMessagesH\x00\x12(\n\ttoken_ids\x18\x05 \x01(\x0b\x32\x13.kvmesh.v1.TokenIdsH\x00\x12+\n\x08sampling\x18\x06 \x01(\x0b\x32\x19.kvmesh.v1.SamplingParams\x12\x0e\n\x06tenant\x18\x07 \x01(\t\x12\x10\n\x08priority\x18\x08 \x01(\x05\x12,\n\x08\x64\x65\x61\x64line\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10return_token_ids\x18\n \x01(\x08\x12\x18\n\x10resume_token_ids\x18\x0b \x03(\rB\x07\n\x05input\"\xfd\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12)\n\x08logprobs\x18\x04 \x03(\x0b\x32\x17.kvmesh.v1.TokenLogprob\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.kvmesh.v1.FinishReason\x12\x13\n\x0bstop_reason\x18\x06 \x01(\t\x12\x1f\n\x05usage\x18\x07 \x01(\x0b\x32\x10.kvmesh.v1.Usage\x12#\n\x07timings\x18\x08 \x01(\x0b\x32\x12.kvmesh.v1.Timings\"\x13\n\x11ListModelsRequest\"g\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x1b\n\x13num_prefill_workers\x18\x03 \x01(\r\x12\x1a\n\x12num_decode_workers\x18\x04 \x01(\r\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.kvmesh.v1.ModelInfo\"\xba\x01\n\x0eRouteCandidate\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x15\n\rcached_blocks\x18\x02 \x01(\r\x12\x12\n\nnew_tokens\x18\x03 \x01(\r\x12\x13\n\x0bload_tokens\x18\x04 \x01(\x04\x12\x11\n\tin_flight\x18\x05 \x01(\r\x12\x0c\n\x04\x63ost\x18\x06 \x01(\x01\x12\x10\n\x08\x65ligible\x18\x07 \x01(\x08\x12\x0e\n\x06\x63hosen\x18\x08 \x01(\x08\x12\x12\n\nindex_mode\x18\t \x01(\t\"l\n\x0cTierDecision\x12\x1d\n\x04tier\x18\x01 \x01(\x0e\x32\x0f.kvmesh.v1.Tier\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12-\n\ncandidates\x18\x03 \x03(\x0b\x32\x19.kvmesh.v1.RouteCandidate\"\x93\x01\n\x10RouteExplanation\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x15\n\rprompt_blocks\x18\x03 \x01(\r\x12\x15\n\rdisaggregated\x18\x04 \x01(\x08\x12*\n\tdecisions\x18\x05 \x03(\x0b\x32\x17.kvmesh.v1.TierDecision2\xe7\x01\n\nGeneration\x12\x45\n\x08Generate\x12\x1a.kvmesh.v1.GenerateRequest\x1a\x1b.kvmesh.v1.GenerateResponse0\x01\x12I\n\nListModels\x12\x1c.kvmesh.v1.ListModelsRequest\x1a\x1d.kvmesh.v1.ListModelsResponse\x12G\n\x0c\x45xplainRoute\x12\x1a.kvmesh.v1.GenerateRequest\x1a\x1b.kvmesh.v1.RouteExplanationb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1akvmesh/v1/generation.proto\x12\tkvmesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16kvmesh/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"8\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.kvmesh.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xe5\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12\'\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x17.kvmesh.v1.ChatMessagesH\x00\x12(\n\ttoken_ids\x18\x05 \x01(\x0b\x32\x13.kvmesh.v1.TokenIdsH\x00\x12+\n\x08sampling\x18\x06 \x01(\x0b\x32\x19.kvmesh.v1.SamplingParams\x12\x0e\n\x06tenant\x18\x07 \x01(\t\x12\x10\n\x08priority\x18\x08 \x01(\x05\x12,\n\x08\x64\x65\x61\x64line\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10return_token_ids\x18\n \x01(\x08\x12\x18\n\x10resume_token_ids\x18\x0b \x03(\r\x12\x12\n\ncache_salt\x18\x0c \x01(\tB\x07\n\x05input\"\xfd\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12)\n\x08logprobs\x18\x04 \x03(\x0b\x32\x17.kvmesh.v1.TokenLogprob\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.kvmesh.v1.FinishReason\x12\x13\n\x0bstop_reason\x18\x06 \x01(\t\x12\x1f\n\x05usage\x18\x07 \x01(\x0b\x32\x10.kvmesh.v1.Usage\x12#\n\x07timings\x18\x08 \x01(\x0b\x32\x12.kvmesh.v1.Timings\"\x13\n\x11ListModelsRequest\"g\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x1b\n\x13num_prefill_workers\x18\x03 \x01(\r\x12\x1a\n\x12num_decode_workers\x18\x04 \x01(\r\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.kvmesh.v1.ModelInfo\"\xba\x01\n\x0eRouteCandidate\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x15\n\rcached_blocks\x18\x02 \x01(\r\x12\x12\n\nnew_tokens\x18\x03 \x01(\r\x12\x13\n\x0bload_tokens\x18\x04 \x01(\x04\x12\x11\n\tin_flight\x18\x05 \x01(\r\x12\x0c\n\x04\x63ost\x18\x06 \x01(\x01\x12\x10\n\x08\x65ligible\x18\x07 \x01(\x08\x12\x0e\n\x06\x63hosen\x18\x08 \x01(\x08\x12\x12\n\nindex_mode\x18\t \x01(\t\"l\n\x0cTierDecision\x12\x1d\n\x04tier\x18\x01 \x01(\x0e\x32\x0f.kvmesh.v1.Tier\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12-\n\ncandidates\x18\x03 \x03(\x0b\x32\x19.kvmesh.v1.RouteCandidate\"\x93\x01\n\x10RouteExplanation\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x15\n\rprompt_blocks\x18\x03 \x01(\r\x12\x15\n\rdisaggregated\x18\x04 \x01(\x08\x12*\n\tdecisions\x18\x05 \x03(\x0b\x32\x17.kvmesh.v1.TierDecision2\xe7\x01\n\nGeneration\x12\x45\n\x08Generate\x12\x1a.kvmesh.v1.GenerateRequest\x1a\x1b.kvmesh.v1.GenerateResponse0\x01\x12I\n\nListModels\x12\x1c.kvmesh.v1.ListModelsRequest\x1a\x1d.kvmesh.v1.ListModelsResponse\x12G\n\x0c\x45xplainRoute\x12\x1a.kvmesh.v1.GenerateRequest\x1a\x1b.kvmesh.v1.RouteExplanationb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,21 +41,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=202
   _globals['_TOKENIDS']._serialized_end=225
   _globals['_GENERATEREQUEST']._serialized_start=228
-  _globals['_GENERATEREQUEST']._serialized_end=565
-  _globals['_GENERATERESPONSE']._serialized_start=568
-  _globals['_GENERATERESPONSE']._serialized_end=821
-  _globals['_LISTMODELSREQUEST']._serialized_start=823
-  _globals['_LISTMODELSREQUEST']._serialized_end=842
-  _globals['_MODELINFO']._serialized_start=844
-  _globals['_MODELINFO']._serialized_end=947
-  _globals['_LISTMODELSRESPONSE']._serialized_start=949
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1007
-  _globals['_ROUTECANDIDATE']._serialized_start=1010
-  _globals['_ROUTECANDIDATE']._serialized_end=1196
-  _globals['_TIERDECISION']._serialized_start=1198
-  _globals['_TIERDECISION']._serialized_end=1306
-  _globals['_ROUTEEXPLANATION']._serialized_start=1309
-  _globals['_ROUTEEXPLANATION']._serialized_end=1456
-  _globals['_GENERATION']._serialized_start=1459
-  _globals['_GENERATION']._serialized_end=1690
+  _globals['_GENERATEREQUEST']._serialized_end=585
+  _globals['_GENERATERESPONSE']._serialized_start=588
+  _globals['_GENERATERESPONSE']._serialized_end=841
+  _globals['_LISTMODELSREQUEST']._serialized_start=843
+  _globals['_LISTMODELSREQUEST']._serialized_end=862
+  _globals['_MODELINFO']._serialized_start=864
+  _globals['_MODELINFO']._serialized_end=967
+  _globals['_LISTMODELSRESPONSE']._serialized_start=969
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1027
+  _globals['_ROUTECANDIDATE']._serialized_start=1030
+  _globals['_ROUTECANDIDATE']._serialized_end=1216
+  _globals['_TIERDECISION']._serialized_start=1218
+  _globals['_TIERDECISION']._serialized_end=1326
+  _globals['_ROUTEEXPLANATION']._serialized_start=1329
+  _globals['_ROUTEEXPLANATION']._serialized_end=1476
+  _globals['_GENERATION']._serialized_start=1479
+  _globals['_GENERATION']._serialized_end=1710
 # @@protoc_insertion_point(module_scope)

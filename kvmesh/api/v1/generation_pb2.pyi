@@ -99,6 +99,7 @@ class GenerateRequest(_message.Message):
     DEADLINE_FIELD_NUMBER: _builtins.int
     RETURN_TOKEN_IDS_FIELD_NUMBER: _builtins.int
     RESUME_TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    CACHE_SALT_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """empty: the router assigns one (also read from x-request-id)"""
     model: _builtins.str
@@ -108,6 +109,11 @@ class GenerateRequest(_message.Message):
     priority: _builtins.int
     """higher first"""
     return_token_ids: _builtins.bool
+    cache_salt: _builtins.str
+    """Isolates the prefix cache, as vLLM's cache_salt does: a request hits only blocks cached by
+    requests with the same tenant and the same salt (both fold into every block hash), so
+    cached_tokens reveals nothing across them.
+    """
     @_builtins.property
     def chat(self) -> Global___ChatMessages:
         """the model's chat template is applied"""
@@ -142,10 +148,11 @@ class GenerateRequest(_message.Message):
         deadline: _timestamp_pb2.Timestamp | None = ...,
         return_token_ids: _builtins.bool = ...,
         resume_token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        cache_salt: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "deadline", b"deadline", "input", b"input", "sampling", b"sampling", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "deadline", b"deadline", "input", b"input", "model", b"model", "priority", b"priority", "request_id", b"request_id", "resume_token_ids", b"resume_token_ids", "return_token_ids", b"return_token_ids", "sampling", b"sampling", "tenant", b"tenant", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_salt", b"cache_salt", "chat", b"chat", "deadline", b"deadline", "input", b"input", "model", b"model", "priority", b"priority", "request_id", b"request_id", "resume_token_ids", b"resume_token_ids", "return_token_ids", b"return_token_ids", "sampling", b"sampling", "tenant", b"tenant", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["text", "chat", "token_ids"]  # noqa: Y015
     _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015

@@ -73,7 +73,7 @@ def test_a_pending_token_is_never_hashed_or_cached() -> None:
         seq = core._requests["p"]
         assert seq.token_ids[-1] == PENDING and seq.num_pending >= 1
         known = seq.token_ids[: seq.num_resolved_tokens]
-        expected = hash_blocks(known, core.block_size, core.root_hash)
+        expected = hash_blocks(known, core.block_size, seq.root)
         assert seq.block_hashes == expected[: len(seq.block_hashes)]
     run_until_idle(core)
     assert core.is_idle_and_whole()

@@ -401,3 +401,18 @@ def _prompt_logits(core: TorchCore, prompt: list[int]) -> torch.Tensor:
     from kvmesh.bench.reference import engine_logits
 
     return engine_logits(core, prompt)
+
+
+def test_a_cache_salt_isolates_the_prefix_cache(core: TorchCore) -> None:
+    """Tenants' requests hit only blocks cached under their own salt (vLLM's cache_salt)."""
+    prompt = tuple(prompts(1, seed=12, low=32, high=32)[0])  # 8 full blocks of 4
+
+    def cached(request_id: str, salt: str) -> int:
+        core.add(GenerateRequest(request_id, prompt, NO_EOS, cache_salt=salt))
+        final = [o for o in run_until_idle(core) if isinstance(o, TokenOutput)][-1]
+        return final.num_cached_tokens
+
+    assert cached("a1", "tenant-a") == 0
+    assert cached("a2", "tenant-a") == 28  # all but the last block, whose last token runs
+    assert cached("b1", "tenant-b") == 0
+    assert cached("plain", "") == 0
