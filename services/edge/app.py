@@ -28,6 +28,7 @@ from starlette.routing import Route
 
 from kvmesh.api.v1 import generation_pb2
 from services.edge.args import EdgeConfig
+from services.edge.auth import ApiKeys, AuthenticationError, RateLimitError
 from services.edge.clusters import ClusterSet
 from services.edge.errors import ApiError, ClientDisconnectedError
 from services.edge.generation import GenerationEndpoints, internal_error, log_api_error
@@ -41,11 +42,20 @@ Endpoint = Callable[[Request], Awaitable[Response]]
 def create_app(config: EdgeConfig, clusters: ClusterSet) -> Starlette:
     generation = GenerationEndpoints(config, clusters)
     info = _InfoEndpoints(clusters)
+    keys = (
+        ApiKeys.load(config.api_key_file, rps=config.rate_limit_rps, tpm=config.rate_limit_tpm)
+        if config.api_key_file is not None
+        else None
+    )
+
+    def api(endpoint: Endpoint) -> Endpoint:  # /v1: an API key when the edge has keys
+        return _answering(_keyed(endpoint, keys) if keys is not None else endpoint)
+
     routes = [
-        Route("/v1/chat/completions", _answering(generation.chat_completions), methods=["POST"]),
-        Route("/v1/completions", _answering(generation.completions), methods=["POST"]),
-        Route("/v1/models", _answering(info.list_models), methods=["GET"]),
-        Route("/v1/models/{model:path}", _answering(info.get_model), methods=["GET"]),
+        Route("/v1/chat/completions", api(generation.chat_completions), methods=["POST"]),
+        Route("/v1/completions", api(generation.completions), methods=["POST"]),
+        Route("/v1/models", api(info.list_models), methods=["GET"]),
+        Route("/v1/models/{model:path}", api(info.get_model), methods=["GET"]),
         Route("/health", _answering(info.health), methods=["GET"]),
         Route("/metrics", _answering(info.metrics), methods=["GET"]),
     ]
@@ -56,6 +66,20 @@ def create_app(config: EdgeConfig, clusters: ClusterSet) -> Starlette:
     )
 
 
+def _keyed(endpoint: Endpoint, keys: ApiKeys) -> Endpoint:
+    """`endpoint` behind an API key: 401 without a valid one, 429 past its limits. The key's
+    tenant and the charge for its tokens go with the request (`request.state`)."""
+
+    async def keyed(request: Request) -> Response:
+        key = keys.authenticate(request.headers.get("authorization"))
+        keys.admit(key)
+        request.state.tenant = key.tenant
+        request.state.charge = lambda tokens: keys.charge(key, tokens)
+        return await endpoint(request)
+
+    return keyed
+
+
 def _answering(endpoint: Endpoint) -> Endpoint:
     """`endpoint`, with every failure turned into an answer (an OpenAI error body)."""
 
@@ -64,7 +88,7 @@ def _answering(endpoint: Endpoint) -> Endpoint:
             return await endpoint(request)
         except ApiError as e:
             log_api_error(e)
-            return error_response(e)
+            return error_response(e, _headers_of(e))
         except ClientDisconnectedError:
             log.info("client left before its answer; generation cancelled")
             return Response(status_code=CLIENT_CLOSED_STATUS)
@@ -73,6 +97,14 @@ def _answering(endpoint: Endpoint) -> Endpoint:
             return error_response(internal_error(request.state.request_id))
 
     return answer
+
+
+def _headers_of(error: ApiError) -> dict[str, str] | None:
+    if isinstance(error, AuthenticationError):
+        return {"WWW-Authenticate": 'Bearer realm="kvmesh"'}
+    if isinstance(error, RateLimitError):
+        return {"Retry-After": str(error.retry_after_s)}
+    return None
 
 
 def error_response(error: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:

@@ -12,6 +12,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from kvmesh import options
 from kvmesh.security.roles import Role
@@ -40,6 +41,13 @@ class EdgeConfig:
     shutdown_grace_s: float = 5.0  # on SIGTERM, in-flight responses get this long, then cancel
     log_level: str = options.DEFAULT_LOG_LEVEL
     log_json: bool | None = None  # None: JSON unless stderr is a terminal
+    api_key_file: Path | None = None  # `KEY TENANT [rps=N] [tpm=N]` lines; None: no keys needed
+    rate_limit_rps: float | None = None  # every key's requests per second, unless its line says
+    rate_limit_tpm: float | None = None  # every key's tokens per minute, unless its line says
+    tls_cert: Path | None = None  # HTTPS with this certificate (PEM) and key; None: plain HTTP
+    tls_key: Path | None = None
+    max_connections: int | None = 1024  # concurrent connections; past it, 503 (None: no limit)
+    body_timeout_s: float = 30.0  # a request body must arrive within this long (else 408)
 
     def __post_init__(self) -> None:
         if not self.clusters:
@@ -68,6 +76,14 @@ class EdgeConfig:
             raise ValueError("default_max_tokens must be at least 1")
         if self.shutdown_grace_s < 0:
             raise ValueError("shutdown_grace_s must not be negative")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("HTTPS needs both a certificate and its key (--tls-cert, --tls-key)")
+        for name in ("rate_limit_rps", "rate_limit_tpm", "body_timeout_s"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.max_connections is not None and self.max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
 
     @property
     def router(self) -> str:
@@ -170,6 +186,32 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         default=defaults.shutdown_grace_s,
         help="seconds in-flight responses get on SIGTERM before they are cancelled",
     )
+    parser.add_argument(
+        "--api-key-file",
+        type=Path,
+        default=None,
+        help="require API keys: lines of 'KEY TENANT [rps=N] [tpm=N]' (default: none needed)",
+    )
+    parser.add_argument(
+        "--rate-limit-rps", type=float, default=None, help="each key's requests per second"
+    )
+    parser.add_argument(
+        "--rate-limit-tpm", type=float, default=None, help="each key's tokens per minute"
+    )
+    parser.add_argument("--tls-cert", type=Path, default=None, help="serve HTTPS with this PEM")
+    parser.add_argument("--tls-key", type=Path, default=None, help="the certificate's key")
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=defaults.max_connections,
+        help="concurrent connections; past it, 503",
+    )
+    parser.add_argument(
+        "--body-timeout",
+        type=float,
+        default=defaults.body_timeout_s,
+        help="seconds a request body may take to arrive (else 408)",
+    )
     options.add_logging_options(parser)
     options.add_tls_options(parser)
     parser.add_argument(
@@ -202,6 +244,13 @@ def parse_args(
             shutdown_grace_s=args.shutdown_grace,
             log_level=args.log_level,
             log_json=args.log_json,
+            api_key_file=args.api_key_file,
+            rate_limit_rps=args.rate_limit_rps,
+            rate_limit_tpm=args.rate_limit_tpm,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            max_connections=args.max_connections,
+            body_timeout_s=args.body_timeout,
         )
     except ValueError as e:
         parser.error(str(e))  # exits with status 2 and the usage line

@@ -46,7 +46,7 @@ class GenerationEndpoints:
         self._clusters = clusters
 
     async def chat_completions(self, request: Request) -> Response:
-        raw = await read_json(request, self._config.max_body_bytes)
+        raw = await read_json(request, self._config.max_body_bytes, self._config.body_timeout_s)
         body = parse_body(raw, ChatCompletionRequest)
         request_id: str = request.state.request_id
         renderer = convert.ChatRenderer(
@@ -61,7 +61,7 @@ class GenerationEndpoints:
         return await self._answer(request, call, renderer, stream=bool(body.stream))
 
     async def completions(self, request: Request) -> Response:
-        raw = await read_json(request, self._config.max_body_bytes)
+        raw = await read_json(request, self._config.max_body_bytes, self._config.body_timeout_s)
         body = parse_body(raw, CompletionRequest)
         request_id: str = request.state.request_id
         renderer = convert.CompletionRenderer(
@@ -83,12 +83,17 @@ class GenerationEndpoints:
         *,
         stream: bool,
     ) -> Response:
+        call.tenant = getattr(request.state, "tenant", "")  # the API key's: salts the cache
+        charge: Callable[[int], None] | None = getattr(request.state, "charge", None)
         generation = self._clusters.generate(call)
         first_token = _FirstToken(renderer.model, request.state.received_at)
         route = request.scope["path"]
         try:
             if not stream:
-                await unless_disconnected(request, _collect(generation, renderer, first_token))
+                try:
+                    await unless_disconnected(request, _collect(generation, renderer, first_token))
+                finally:
+                    _charge(charge, renderer)
                 return JSONResponse(renderer.response())
             first = await unless_disconnected(request, generation.next())
             if first is None:
@@ -100,7 +105,18 @@ class GenerationEndpoints:
             raise
         first_token.seen()
         events = _events(first, generation, renderer, route)
-        return EventStreamResponse(events, on_close=generation.cancel)
+
+        def close() -> None:
+            generation.cancel()
+            _charge(charge, renderer)
+
+        return EventStreamResponse(events, on_close=close)
+
+
+def _charge(charge: Callable[[int], None] | None, renderer: convert.Renderer) -> None:
+    """Count what a request used against its API key's tokens per minute."""
+    if charge is not None and renderer.usage is not None:
+        charge(renderer.usage.prompt_tokens + renderer.usage.completion_tokens)
 
 
 class _FirstToken:
@@ -207,16 +223,29 @@ async def _disconnected(request: Request) -> None:
         pass  # the body was read already; nothing else arrives but the disconnect
 
 
-async def read_json(request: Request, max_bytes: int) -> Any:
-    """The body as JSON, at most `max_bytes` of it; 413 beyond, 400 if it is not JSON."""
+async def read_json(request: Request, max_bytes: int, timeout_s: float = 30.0) -> Any:
+    """The body as JSON, at most `max_bytes` of it, arriving within `timeout_s`; 413 beyond
+    the size, 408 past the time, 400 if it is not JSON."""
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > max_bytes:
         raise RequestTooLargeError(max_bytes)
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:
-            raise RequestTooLargeError(max_bytes)
+
+    async def receive() -> None:
+        async for chunk in request.stream():
+            body.extend(chunk)
+            if len(body) > max_bytes:
+                raise RequestTooLargeError(max_bytes)
+
+    try:
+        await asyncio.wait_for(receive(), timeout_s)
+    except asyncio.TimeoutError:
+        raise ApiError(
+            f"the request body did not arrive within {timeout_s:g} s",
+            status=408,
+            type="invalid_request_error",
+            code="request_timeout",
+        ) from None
     try:
         return json.loads(body, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as e:

@@ -89,11 +89,12 @@ class RunningEdge:
     clusters: ClusterSet
     _server: _Server
     _task: asyncio.Task[None]
+    scheme: str = "http"
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{self.scheme}://{host}:{self.port}"
 
     async def wait(self) -> None:
         """Until the server has stopped (a signal, or `stop`)."""
@@ -150,6 +151,9 @@ async def serve_in_background(
             access_log=False,  # the middleware writes one structured line per request
             timeout_graceful_shutdown=math.ceil(config.shutdown_grace_s),
             server_header=False,
+            ssl_certfile=str(config.tls_cert) if config.tls_cert else None,
+            ssl_keyfile=str(config.tls_key) if config.tls_key else None,
+            limit_concurrency=config.max_connections,  # past it, uvicorn answers 503
         ),
         handle_signals=handle_signals,
     )
@@ -167,7 +171,8 @@ async def serve_in_background(
         await task  # raises StartupError
         raise StartupError("the edge's HTTP server stopped before it listened")
     host, port = server.servers[0].sockets[0].getsockname()[:2]
-    return RunningEdge(str(host), int(port), clusters, server, task)
+    scheme = "https" if config.tls_cert else "http"
+    return RunningEdge(str(host), int(port), clusters, server, task, scheme)
 
 
 def _by_cluster(
