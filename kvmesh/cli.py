@@ -318,7 +318,13 @@ def bench_engine(
     type=click.Path(path_type=Path),
     default=None,
     help="mutual TLS between every service, with this directory's certificates (made with "
-    "`kvmesh certs init` if it has none)",
+    "`kvmesh certs init` if it has none); with --secure, where its secrets go",
+)
+@click.option(
+    "--secure",
+    is_flag=True,
+    help="mutual TLS, registry ACLs, the edge over HTTPS with an API key, an admin token; "
+    "secrets made once in --tls-dir (default: .kvmesh/secure)",
 )
 def up(
     model: str,
@@ -338,6 +344,7 @@ def up(
     prefill_args: tuple[str, ...],
     decode_args: tuple[str, ...],
     tls_dir: Path | None,
+    secure: bool,
 ) -> None:
     """Start the whole mesh on this machine: registry, workers, router, HTTP edge.
 
@@ -384,6 +391,7 @@ def up(
         extra_prefill_args=list(prefill_args),
         extra_decode_args=list(decode_args),
         tls_dir=tls_dir,
+        secure=secure,
     )
     try:
         asyncio.run(run(config))
@@ -408,12 +416,37 @@ def up(
     default=None,
     help="gRPC health checks with TLS use the registry certificate of this directory",
 )
-def registry(host: str, port: int, datacenters: tuple[str, ...], tls_dir: str | None) -> None:
+@click.option(
+    "--acl-bootstrap-token-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="turn ACLs on: writes (and, with --acl-read-requires-token, reads) need this token",
+)
+@click.option("--acl-read-requires-token", is_flag=True, help="reads need the token too")
+def registry(
+    host: str,
+    port: int,
+    datacenters: tuple[str, ...],
+    tls_dir: str | None,
+    acl_bootstrap_token_file: Path | None,
+    acl_read_requires_token: bool,
+) -> None:
     """Run the embedded Consul-compatible registry."""
     from kvmesh.discovery.registry import run_registry
+    from kvmesh.discovery.registry.acl import AclConfig
 
     _use_identity(tls_dir, Role.REGISTRY)
-    asyncio.run(run_registry(list(datacenters), host, port))
+    acl = None
+    if acl_bootstrap_token_file is not None:
+        try:
+            acl = AclConfig.from_file(
+                acl_bootstrap_token_file, reads_need_token=acl_read_requires_token
+            )
+        except ValueError as e:
+            raise click.ClickException(str(e)) from e
+    elif acl_read_requires_token:
+        raise click.BadParameter("needs --acl-bootstrap-token-file")
+    asyncio.run(run_registry(list(datacenters), host, port, acl))
 
 
 def _use_identity(tls_dir: str | None, role: Role) -> None:

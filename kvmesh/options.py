@@ -51,6 +51,13 @@ def add_tls_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def configure_security(args: argparse.Namespace, role: Role) -> None:
+    """What a service sets for the whole process as its options are parsed: its TLS identity
+    (`configure_tls`) and its registry token (`use_registry_token`)."""
+    configure_tls(args, role)
+    use_registry_token(args)
+
+
 def configure_tls(args: argparse.Namespace, role: Role) -> None:
     """Set the process's TLS identity from `--tls-dir` (or $KVMESH_TLS_DIR): every gRPC server
     and channel it opens then uses mutual TLS as `role`."""
@@ -69,6 +76,20 @@ def add_registry_options(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("CONSUL_HTTP_ADDR"),
         help="Consul / embedded registry address (default: $CONSUL_HTTP_ADDR)",
     )
+    group.add_argument(
+        "--registry-token-file",
+        default=None,
+        help="the registry's ACL token, from this file (default: $CONSUL_HTTP_TOKEN, "
+        "$CONSUL_HTTP_TOKEN_FILE)",
+    )
+
+
+def use_registry_token(args: argparse.Namespace) -> None:
+    """`--registry-token-file` for every registry client of this process, as Consul's
+    CONSUL_HTTP_TOKEN_FILE (`kvmesh.discovery.client.token_from_environment`)."""
+    path = getattr(args, "registry_token_file", None)
+    if path:
+        os.environ["CONSUL_HTTP_TOKEN_FILE"] = path
 
 
 def add_metrics_options(parser: argparse.ArgumentParser) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Sequence
@@ -36,7 +37,8 @@ from kvmesh import models, tiers
 from kvmesh.api.v1 import autoscaler_pb2, autoscaler_pb2_grpc
 from kvmesh.process import Child, start_child, stop_child, wait_ready
 from kvmesh.rpc.channels import open_channel
-from kvmesh.security import certs
+from kvmesh.security import bundle, certs
+from kvmesh.security.bundle import SecureBundle
 from kvmesh.security.roles import Role
 from kvmesh.security.tls import TLS_DIR_ENV, TlsIdentity
 
@@ -73,6 +75,9 @@ class UpConfig:
     extra_edge_args: list[str] = field(default_factory=list)
     extra_controlplane_args: list[str] = field(default_factory=list)
     tls_dir: Path | None = None  # mutual TLS between every service (certificates made if absent)
+    # Everything of docs/security.md: mutual TLS, registry ACLs, the edge over HTTPS with API
+    # keys, an admin token; secrets in tls_dir (default: next to the logs, `secure/`).
+    secure: bool = False
 
     @property
     def cluster_names(self) -> tuple[str, ...]:
@@ -95,6 +100,7 @@ class Mesh:
         self.model_id = ""
         self._stopping = asyncio.Event()
         self._worker_args: list[str] = []
+        self.bundle: SecureBundle | None = None
 
     async def start(self) -> None:
         config = self.config
@@ -103,7 +109,11 @@ class Mesh:
                 "per-tier worker arguments need the workers `up` starts: not with autoscale, "
                 "where the control plane starts them with the shared ones only"
             )
-        if config.tls_dir is not None and not (config.tls_dir / certs.CA_FILE).exists():
+        if config.secure:
+            config.tls_dir = config.tls_dir or config.log_dir.parent / "secure"
+            self.bundle = bundle.prepare(config.tls_dir)
+            config.admin_token = config.admin_token or self.bundle.admin_token
+        elif config.tls_dir is not None and not (config.tls_dir / certs.CA_FILE).exists():
             certs.init(config.tls_dir)
         # Convert the model once here, so the workers don't all do it at the same time.
         source = await asyncio.to_thread(models.resolve, config.model)
@@ -114,7 +124,7 @@ class Mesh:
         registry = await self._spawn(
             "registry",
             [*py, "kvmesh.cli", "registry", "--host", config.host, "--port",
-             str(config.registry_port), *datacenters],
+             str(config.registry_port), *datacenters, *self._registry_acl_args()],
             "kvmesh registry:",
             lines=len(clusters),
         )  # fmt: skip
@@ -162,7 +172,7 @@ class Mesh:
         edge = await self._spawn(
             "edge",
             [*py, "services.edge", "--host", config.host, "--port", str(config.edge_port),
-             *targets, *config.extra_edge_args],
+             *targets, *self._edge_security_args(), *config.extra_edge_args],
             "edge listening on",
         )  # fmt: skip
         self.edge_url = edge.address
@@ -315,15 +325,39 @@ class Mesh:
         self, name: str, argv: list[str], ready_prefix: str, *, lines: int = 1
     ) -> Child:
         tls_dir = self.config.tls_dir
-        env = {TLS_DIR_ENV: str(tls_dir)} if tls_dir is not None else None
-        child = await start_child(name, argv, self.config.log_dir, env)
+        env = {TLS_DIR_ENV: str(tls_dir)} if tls_dir is not None else {}
+        if self.bundle is not None:  # every registry client writes with the ACL token
+            env["CONSUL_HTTP_TOKEN_FILE"] = str(self.bundle.acl_token_file)
+        child = await start_child(name, argv, self.config.log_dir, env or None)
         self.children.append(child)
         await wait_ready(child, ready_prefix, self.config.start_timeout_s, lines=lines)
         return child
 
+    def _registry_acl_args(self) -> list[str]:
+        if self.bundle is None:
+            return []
+        return ["--acl-bootstrap-token-file", str(self.bundle.acl_token_file)]
+
+    def _edge_security_args(self) -> list[str]:
+        if self.bundle is None:
+            return []
+        directory = self.bundle.directory
+        return [
+            "--api-key-file", str(self.bundle.api_keys_file),
+            "--tls-cert", str(directory / certs.cert_file(Role.EDGE)),
+            "--tls-key", str(directory / certs.key_file(Role.EDGE)),
+        ]  # fmt: skip
+
+    def edge_ssl(self) -> ssl.SSLContext | None:
+        """What a client of the edge trusts: the mesh's CA, under --secure."""
+        if self.bundle is None:
+            return None
+        return ssl.create_default_context(cafile=str(self.bundle.ca))
+
     async def _wait_until_serving(self) -> None:
         deadline = time.monotonic() + self.config.start_timeout_s
-        async with aiohttp.ClientSession() as session:
+        connector = aiohttp.TCPConnector(ssl=self.edge_ssl() or True)
+        async with aiohttp.ClientSession(connector=connector) as session:
             while time.monotonic() < deadline:
                 try:
                     async with session.get(f"{self.edge_url}/health") as response:
@@ -338,6 +372,34 @@ class Mesh:
         code = await child.process.wait()
         if not self._stopping.is_set():
             print(f"kvmesh up: {child.name} exited with code {code}", file=sys.stderr)
+
+
+def _secure_examples(mesh: Mesh, model: str) -> str:
+    assert mesh.bundle is not None
+    url, ca, key = mesh.edge_url, mesh.bundle.ca, mesh.bundle.api_key
+    d = mesh.bundle.directory
+    return f"""
+  logs                    {mesh.config.log_dir}/
+  secrets                 {d}/ (certificates, acl-token, admin-token, api-keys.txt)
+
+Secure: every gRPC call is mutual TLS with a role per service, the registry needs the ACL token
+to write, the edge serves HTTPS and needs an API key (docs/security.md).
+
+Try it:
+  curl -s --cacert {ca} {url}/v1/chat/completions \\
+    -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\
+    -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hi!"}}]}}'
+
+  python -c 'import httpx; from openai import OpenAI
+c = OpenAI(base_url="{url}/v1", api_key="{key}", http_client=httpx.Client(verify="{ca}"))
+print(c.chat.completions.create(model="{model}",
+      messages=[{{"role": "user", "content": "Tell me a joke"}}]).choices[0].message.content)'
+
+  grpcurl -cacert {ca} -cert {d}/admin.pem -key {d}/admin-key.pem -authority kvmesh \\
+    {mesh.router_address} kvmesh.v1.Generation/ListModels
+
+Ctrl-C stops everything.
+"""
 
 
 def _worker_name(cluster: str, tier: str, i: int, clusters: Sequence[str]) -> str:
@@ -387,6 +449,8 @@ def banner(mesh: Mesh) -> str:
             f"{certs.TARGET_NAME} {router} list"
         )
     endpoints = "\n".join(lines)
+    if mesh.bundle is not None:
+        return endpoints + _secure_examples(mesh, model)
     return f"""
 {endpoints}
   logs                    {mesh.config.log_dir}/

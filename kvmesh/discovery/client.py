@@ -94,6 +94,19 @@ def _duration(seconds: float) -> str:
     return f"{max(int(seconds * 1000), 1)}ms"
 
 
+def token_from_environment() -> str | None:
+    """The registry token as Consul's tools find it: $CONSUL_HTTP_TOKEN, else the contents of
+    the file $CONSUL_HTTP_TOKEN_FILE names."""
+    token = os.environ.get("CONSUL_HTTP_TOKEN")
+    if token:
+        return token
+    path = os.environ.get("CONSUL_HTTP_TOKEN_FILE")
+    if path:
+        with open(path) as f:
+            return f.read().strip() or None
+    return None
+
+
 @dataclass(slots=True)
 class KvEntry:
     key: str
@@ -106,10 +119,13 @@ class Discovery:
     """A client of one Consul agent (or the embedded registry)."""
 
     def __init__(self, address: str | None = None, *, token: str | None = None) -> None:
+        """`token`: the ACL token every call carries; None: Consul's environment variables,
+        `CONSUL_HTTP_TOKEN`, else the file `CONSUL_HTTP_TOKEN_FILE` names."""
         address = address or os.environ.get("CONSUL_HTTP_ADDR", DEFAULT_ADDRESS)
         address = address.removeprefix("http://")
         host, _, port = address.rpartition(":")
         self.address = address
+        token = token if token is not None else token_from_environment()
         self._consul = consul.aio.Consul(host=host or "127.0.0.1", port=int(port), token=token)
 
     async def close(self) -> None:

@@ -267,6 +267,6 @@ def main(tier: Tier, tier_binding: Callable[[WorkerRuntime], ServiceBinding]) ->
     parser = argparse.ArgumentParser(prog=f"python -m services.{tier}")
     add_worker_arguments(parser)
     args = parser.parse_args()
-    options.configure_tls(args, Role(tier.value))
+    options.configure_security(args, Role(tier.value))
     configure_logging(args.log_level)
     asyncio.run(run_worker(config_from_arguments(tier, args), tier_binding))

@@ -72,7 +72,7 @@ def parse(argv: list[str] | None = None) -> tuple[AutoscalerConfig, str]:
         help="a model id (as workers register it) to size even while it has no replicas; repeat",
     )
     args = parser.parse_args(argv)
-    options.configure_tls(args, Role.AUTOSCALER)
+    options.configure_security(args, Role.AUTOSCALER)
     if args.tick_s <= 0:
         parser.error("--tick-s must be positive")
     config = AutoscalerConfig(

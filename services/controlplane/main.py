@@ -116,7 +116,7 @@ def parse(argv: list[str] | None = None) -> tuple[ControlPlaneConfig, str]:
         help="bearer token every ControlPlane RPC needs (default: $KVMESH_ADMIN_TOKEN)",
     )
     args = parser.parse_args(argv)
-    options.configure_tls(args, Role.CONTROLPLANE)
+    options.configure_security(args, Role.CONTROLPLANE)
     if args.interval_s <= 0 or args.drain_timeout_s <= 0:
         parser.error("--interval-s and --drain-timeout-s must be positive")
     if args.capacity < 0:

@@ -126,7 +126,7 @@ def parse(argv: list[str] | None = None) -> tuple[RouterConfig, str]:
     routing.add_argument("--kv-stall-s", type=float, default=_DEFAULTS.kv_stall_s)
     routing.add_argument("--seed", type=int, default=policy.seed, help="the random policy's seed")
     args = parser.parse_args(argv)
-    options.configure_tls(args, Role.ROUTER)
+    options.configure_security(args, Role.ROUTER)
     config = RouterConfig(
         host=args.host,
         port=args.port,

@@ -1,8 +1,10 @@
-"""The mesh under mutual TLS (`kvmesh up --tls-dir`), as real processes on 127.0.0.1.
+"""The mesh under `kvmesh up --secure`, as real processes on 127.0.0.1.
 
-Every service gets its role's certificate; the disaggregated path (router -> prefill, router ->
-decode, decode -> prefill's KV metadata and lease) works and gives one engine's greedy text;
-the attacks a role table stops fail with the documented refusal, and the mesh serves on.
+Every service gets its role's certificate (mutual TLS), the registry needs its ACL token to
+write, the edge serves HTTPS and needs an API key. The disaggregated path (router -> prefill,
+router -> decode, decode -> prefill's KV metadata and lease) works and gives one engine's
+greedy text, through the official openai client too; the attacks fail with the documented
+refusal, and the mesh serves on.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
+from openai import AsyncOpenAI
 
 from kvmesh.api.v1 import (
     common_pb2,
@@ -45,7 +48,8 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Mesh]:
         device="cpu",
         disagg_min_tokens=0,  # every request prefilled on the prefill worker
         log_dir=root / "logs",
-        tls_dir=root / "tls",  # certificates made by `up`
+        tls_dir=root / "tls",  # certificates and secrets made by `up`
+        secure=True,
         extra_worker_args=["--num-blocks", "256"],
     )
     running = Mesh(config)
@@ -106,19 +110,40 @@ async def test_the_disaggregated_path_runs_over_mutual_tls(mesh: Mesh, expected:
     answer = await ask(mesh, Role.ADMIN)
     assert list(answer.token_ids) == expected
     assert await metric(decode, "kvmesh_kv_transfer_bytes_total") > moved_before  # NIXL read
-    # The edge talks to the router over mutual TLS too.
-    async with httpx.AsyncClient(base_url=mesh.edge_url, timeout=120) as http:
+    # The official client, over HTTPS with the mesh's CA and an API key: the same greedy text.
+    assert mesh.bundle is not None and mesh.edge_url.startswith("https://")
+    async with httpx.AsyncClient(verify=mesh.edge_ssl()) as http:
+        client = AsyncOpenAI(
+            base_url=f"{mesh.edge_url}/v1",
+            api_key=mesh.bundle.api_key,
+            http_client=http,
+            max_retries=0,
+        )
+        completion = await client.chat.completions.create(
+            model=mesh.model_id,
+            messages=[{"role": "user", "content": QUESTION}],
+            max_tokens=MAX_TOKENS,
+            temperature=0,
+        )
+    assert completion.choices[0].message.content == answer.text
+
+
+async def test_an_edge_call_without_a_key_gets_401(mesh: Mesh) -> None:
+    async with httpx.AsyncClient(base_url=mesh.edge_url, verify=mesh.edge_ssl()) as http:
         response = await http.post(
             "/v1/chat/completions",
-            json={
-                "model": mesh.model_id,
-                "messages": [{"role": "user", "content": QUESTION}],
-                "max_tokens": MAX_TOKENS,
-                "temperature": 0,
-            },
+            json={"model": mesh.model_id, "messages": [{"role": "user", "content": "hi"}]},
         )
-    assert response.status_code == 200, response.text
-    assert response.json()["choices"][0]["message"]["content"] == answer.text
+    assert response.status_code == 401
+    assert "You didn't provide an API key" in response.json()["error"]["message"]
+
+
+async def test_a_registry_write_without_the_token_gets_403(mesh: Mesh) -> None:
+    async with httpx.AsyncClient(base_url=f"http://{mesh.registry_address}") as http:
+        response = await http.put("/v1/kv/kvmesh/controlplane/cordon/dc1", content=b"1")
+        services = await http.get("/v1/catalog/services")  # reads stay open
+    assert (response.status_code, response.text) == (403, "Permission denied")
+    assert "kvmesh-decode" in services.json()
 
 
 async def test_a_plaintext_call_to_a_worker_fails_its_handshake(mesh: Mesh) -> None:

@@ -8,11 +8,14 @@ a bug: it is logged and answered with a 500, and the agent keeps serving.
 
 from __future__ import annotations
 
+from typing import Any
+
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from kvmesh.discovery.registry import agent_api, catalog_api, kv_api
+from kvmesh.discovery.registry.acl import AclConfig
 from kvmesh.discovery.registry.api import AGENT, Agent
 from kvmesh.discovery.registry.errors import RegistryError
 from kvmesh.discovery.registry.state import Datacenter, RegistryState
@@ -22,13 +25,25 @@ log = structlog.get_logger(__name__)
 MAX_BODY_BYTES = 1024 * 1024  # above the KV value limit, so that the KV limit answers first
 
 
-def build_app(state: RegistryState, datacenter: Datacenter) -> web.Application:
-    app = web.Application(middlewares=[_consul_errors], client_max_size=MAX_BODY_BYTES)
+def build_app(
+    state: RegistryState, datacenter: Datacenter, acl: AclConfig | None = None
+) -> web.Application:
+    middlewares = [_consul_errors] + ([_acl_middleware(acl)] if acl is not None else [])
+    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app[AGENT] = Agent(state, datacenter)
     agent_api.add_routes(app.router)
     catalog_api.add_routes(app.router)
     kv_api.add_routes(app.router)
     return app
+
+
+def _acl_middleware(acl: AclConfig) -> Any:
+    @web.middleware
+    async def check_acl(request: web.Request, handler: Handler) -> web.StreamResponse:
+        acl.check(request)  # inside _consul_errors: a refusal is a plain-text 403
+        return await handler(request)
+
+    return check_acl
 
 
 @web.middleware

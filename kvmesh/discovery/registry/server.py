@@ -17,6 +17,7 @@ from types import TracebackType
 import structlog
 from aiohttp import web
 
+from kvmesh.discovery.registry.acl import AclConfig
 from kvmesh.discovery.registry.checks import CheckRunner
 from kvmesh.discovery.registry.errors import ListenError
 from kvmesh.discovery.registry.http import build_app
@@ -43,8 +44,10 @@ class EmbeddedRegistry:
         *,
         host: str = "127.0.0.1",
         port: int = DEFAULT_PORT,
+        acl: AclConfig | None = None,
     ) -> None:
         self._names = list(datacenters)
+        self._acl = acl
         validate_datacenter_names(self._names)
         if not 0 <= port <= 65535:
             raise ValueError(f"invalid port {port}")
@@ -80,7 +83,9 @@ class EmbeddedRegistry:
             for i, dc in enumerate(state):
                 port = self._port + i if self._port else 0
                 runner = web.AppRunner(
-                    build_app(state, dc), access_log=None, shutdown_timeout=_SHUTDOWN_GRACE_S
+                    build_app(state, dc, self._acl),
+                    access_log=None,
+                    shutdown_timeout=_SHUTDOWN_GRACE_S,
                 )
                 await runner.setup()
                 self._runners.append(runner)
@@ -129,10 +134,13 @@ class EmbeddedRegistry:
 
 
 async def run_registry(
-    datacenters: Sequence[str], host: str = "127.0.0.1", port: int = DEFAULT_PORT
+    datacenters: Sequence[str],
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    acl: AclConfig | None = None,
 ) -> None:
     """Serve until cancelled, SIGINT or SIGTERM; print each agent's address on start."""
-    async with EmbeddedRegistry(datacenters, host=host, port=port) as registry:
+    async with EmbeddedRegistry(datacenters, host=host, port=port, acl=acl) as registry:
         for name in registry.datacenters:
             print(f"kvmesh registry: {name} http://{registry.address(name)}", flush=True)
         stop = asyncio.Event()
