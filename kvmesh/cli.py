@@ -526,6 +526,13 @@ def bench_registry(
     multiple=True,
     help="one more argv token for every worker (repeatable), e.g. --worker-arg=--no-cuda-graphs",
 )
+@click.option(
+    "--secure-vs-plain",
+    is_flag=True,
+    help="run the mesh without and with `kvmesh up --secure`, alternating, and report the "
+    "ratios (what mutual TLS and the rest cost)",
+)
+@click.option("--rounds", default=2, show_default=True, help="with --secure-vs-plain")
 @click.option("--json-out", type=click.Path(path_type=Path), default=None)
 def bench_mesh(
     prompt_tokens: int,
@@ -535,22 +542,26 @@ def bench_mesh(
     device: str,
     num_blocks: int,
     worker_args: tuple[str, ...],
+    secure_vs_plain: bool,
+    rounds: int,
     json_out: Path | None,
 ) -> None:
     """TTFT / ITL: disaggregated vs aggregated vs calling the decode worker directly."""
     from kvmesh.bench import mesh as bench
 
-    result = asyncio.run(
-        bench.run(
-            prompt_tokens=prompt_tokens,
-            max_tokens=max_tokens,
-            requests=requests,
-            model=model,
-            device=device,
-            num_blocks=num_blocks,
-            worker_args=worker_args,
-        )
-    )
+    settings: dict[str, Any] = {
+        "prompt_tokens": prompt_tokens,
+        "max_tokens": max_tokens,
+        "requests": requests,
+        "model": model,
+        "device": device,
+        "num_blocks": num_blocks,
+        "worker_args": worker_args,
+    }
+    if secure_vs_plain:
+        result = asyncio.run(bench.compare_secure(rounds=rounds, **settings))
+    else:
+        result = asyncio.run(bench.run(**settings))
     _emit(result, json_out)
 
 

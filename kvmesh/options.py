@@ -132,6 +132,12 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--block-size", type=int, default=engine["block_size"])
     group.add_argument("--num-blocks", type=int, default=engine["num_blocks"])
     group.add_argument("--max-num-seqs", type=int, default=engine["max_num_seqs"])
+    group.add_argument(
+        "--max-num-waiting",
+        type=int,
+        default=engine["max_num_waiting"],
+        help="requests waiting to be scheduled; past it, new ones get RESOURCE_EXHAUSTED",
+    )
     group.add_argument("--max-batched-tokens", type=int, default=engine["max_num_batched_tokens"])
     group.add_argument("--max-model-len", type=int, default=engine["max_model_len"])
     group.add_argument(
@@ -181,6 +187,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         block_size=args.block_size,
         num_blocks=args.num_blocks,
         max_num_seqs=args.max_num_seqs,
+        max_num_waiting=args.max_num_waiting,
         max_num_batched_tokens=args.max_batched_tokens,
         max_model_len=args.max_model_len,
         attention_backend=args.attention_backend,

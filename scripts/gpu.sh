@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks of the engine, in stages, for a lent GPU machine (see docs/engines.md):
-#   scripts/gpu.sh STAGE...   with STAGE in: kernels profile engine sync baseline accuracy gputests mesh
+#   scripts/gpu.sh STAGE...   with STAGE in: kernels profile engine sync baseline accuracy gputests
+#                                           mesh secure
 # Results go to $OUT (default ./gpu-out). Wheels the machine lacks are installed from .whl/ if
 # present; a real SmolLM2 GGUF at $KVMESH_GGUF is used for accuracy checks, else dummy weights.
 set -uo pipefail
@@ -51,6 +52,10 @@ for stage in "$@"; do
         run $KV bench-mesh --model $MODEL --device cuda --num-blocks 2048 --prompt-tokens 1024 \
           --max-tokens 32 --requests 20 "${extra[@]}" --json-out "$OUT/mesh-$variant.json"
       done ;;
+    secure)  # what `kvmesh up --secure` (mutual TLS and the rest) costs: TTFT and ITL ratios
+      run $KV bench-mesh --model $MODEL --device cuda --num-blocks 2048 --prompt-tokens 1024 \
+        --max-tokens 32 --requests 20 --secure-vs-plain --rounds 2 \
+        --json-out "$OUT/mesh-secure-vs-plain.json" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done

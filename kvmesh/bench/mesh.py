@@ -13,6 +13,7 @@ request at a time (low load), each prompt fresh random tokens so no prefix cache
 from __future__ import annotations
 
 import random
+import statistics
 import tempfile
 import time
 import uuid
@@ -29,6 +30,8 @@ from kvmesh.api.v1 import (
     worker_pb2_grpc,
 )
 from kvmesh.rpc import open_channel
+from kvmesh.security.roles import Role
+from kvmesh.security.tls import TlsIdentity
 from kvmesh.up import Mesh, UpConfig, worker_devices
 
 
@@ -96,7 +99,14 @@ async def _measure(
         "router-aggregated", ["--disagg-min-tokens", "1000000000"]
     )
     decode_address = mesh.child("decode-0").address
-    channels = [open_channel(a) for a in (mesh.router_address, aggregated_address, decode_address)]
+    tls_dir = mesh.config.tls_dir  # under --secure: an admin client of the routers, and the
+    admin = TlsIdentity.load(tls_dir, Role.ADMIN) if tls_dir else None  # router's identity
+    router = TlsIdentity.load(tls_dir, Role.ROUTER) if tls_dir else None  # for Decode itself
+    channels = [
+        open_channel(mesh.router_address, identity=admin),
+        open_channel(aggregated_address, identity=admin),
+        open_channel(decode_address, identity=router),
+    ]
     try:
         disagg = generation_pb2_grpc.GenerationStub(channels[0])
         agg = generation_pb2_grpc.GenerationStub(channels[1])
@@ -128,12 +138,13 @@ async def run(
     num_blocks: int = 1024,
     worker_args: tuple[str, ...] = (),
     seed: int = 0,
+    secure: bool = False,
 ) -> dict[str, Any]:
     rng = random.Random(seed)
     log_dir = Path(tempfile.mkdtemp(prefix="kvmesh-bench-"))
     config = UpConfig(
         model=model, registry_port=0, router_port=0, edge_port=0, disagg_min_tokens=0,
-        device=device, log_dir=log_dir,
+        device=device, log_dir=log_dir, secure=secure,
         extra_worker_args=["--num-blocks", str(num_blocks), *worker_args],
     )  # fmt: skip
     mesh = Mesh(config)
@@ -146,6 +157,7 @@ async def run(
     d, a, x = summary["disaggregated"], summary["aggregated"], summary["direct_decode"]
     return {
         "model": model,
+        "secure": secure,
         "devices": worker_devices(device, 2),
         "prompt_tokens": prompt_tokens,
         "max_tokens": max_tokens,
@@ -157,3 +169,20 @@ async def run(
         "router_overhead_per_token_ms": a["itl_p50_ms"] - x["itl_p50_ms"],
         "logs": str(log_dir),
     }
+
+
+async def compare_secure(*, rounds: int = 2, **kwargs: Any) -> dict[str, Any]:
+    """The same benchmark without and with `kvmesh up --secure`, alternating for `rounds`
+    rounds (a fresh mesh each time); each ratio (secure / plain) is the median of the rounds'."""
+    runs: dict[str, list[dict[str, Any]]] = {"plain": [], "secure": []}
+    for _ in range(rounds):
+        runs["plain"].append(await run(**kwargs))
+        runs["secure"].append(await run(**kwargs, secure=True))
+    ratios: dict[str, float] = {}
+    for way in ("disaggregated", "aggregated", "direct_decode"):
+        for metric in ("ttft_p50_ms", "itl_p50_ms"):
+            pairs = zip(runs["secure"], runs["plain"], strict=True)
+            ratios[f"{way}_{metric.removesuffix('_ms')}"] = statistics.median(
+                s[way][metric] / p[way][metric] for s, p in pairs
+            )
+    return {"rounds": rounds, "secure_over_plain": ratios, "runs": runs}

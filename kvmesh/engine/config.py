@@ -32,6 +32,8 @@ class EngineConfig:
     kv_cache_bytes: int | None = None
     gpu_memory_fraction: float = 0.85
     max_num_seqs: int = 64
+    max_num_waiting: int = 1024
+    """Requests waiting to be scheduled; past it, a new one is refused (RESOURCE_EXHAUSTED)."""
     max_num_batched_tokens: int = 2048
     """Tokens run through one forward step: long prompts are prefilled in chunks of this."""
     max_model_len: int | None = None
@@ -59,6 +61,7 @@ class EngineConfig:
             (self.block_size >= 1, "block_size must be >= 1"),
             (self.num_blocks is None or self.num_blocks >= 1, "num_blocks must be >= 1"),
             (self.max_num_seqs >= 1, "max_num_seqs must be >= 1"),
+            (self.max_num_waiting >= 1, "max_num_waiting must be >= 1"),
             (self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1"),
             (0.0 < self.gpu_memory_fraction <= 1.0, "gpu_memory_fraction must be in (0, 1]"),
             (self.max_model_len is None or self.max_model_len >= 2, "max_model_len must be >= 2"),

@@ -163,6 +163,11 @@ class EngineCore:
     def add(self, request: GenerateRequest, *, prefill_only: bool = False) -> None:
         self.validate(request)
         self._check_new_id(request.request_id)
+        if len(self.scheduler.waiting) >= self.config.max_num_waiting:
+            raise OverloadedError(
+                f"the engine's queue is full ({len(self.scheduler.waiting)} requests waiting, "
+                f"limit {self.config.max_num_waiting})"
+            )
         kind = SeqKind.PREFILL_ONLY if prefill_only else SeqKind.GENERATE
         seq = self._new_sequence(request, kind)
         self.stats.num_prompt_tokens += seq.num_prompt_tokens

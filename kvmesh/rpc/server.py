@@ -27,7 +27,14 @@ from kvmesh.security.tls import TlsIdentity
 
 log = structlog.get_logger(__name__)
 
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # what a service may send (KV snapshots are large)
+# What each kind of service accepts from its callers: a bound on what one call can make it
+# buffer, sized to its largest legitimate request.
+RECEIVE_BYTES = {
+    "router": 8 * 1024 * 1024,  # a long chat prompt as text
+    "worker": 16 * 1024 * 1024,  # a long prompt and its generated tokens as token ids
+    "admin": 1024 * 1024,  # the autoscaler's and control plane's small admin requests
+}
 
 
 @dataclass(slots=True)
@@ -35,7 +42,8 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 0  # 0: any free port; RpcServer.port tells which
     grace_s: float = 10.0  # how long in-flight RPCs may take to finish on stop
-    max_message_bytes: int = MAX_MESSAGE_BYTES
+    max_message_bytes: int = MAX_MESSAGE_BYTES  # sent
+    max_receive_bytes: int = 4 * 1024 * 1024  # accepted from a caller (gRPC's own default)
     keepalive_time_s: float = 30.0
     keepalive_timeout_s: float = 10.0
     max_concurrent_rpcs: int | None = None
@@ -177,7 +185,7 @@ class RpcServer:
 def _server_options(config: ServerConfig) -> list[tuple[str, int]]:
     return [
         ("grpc.max_send_message_length", config.max_message_bytes),
-        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_receive_message_length", config.max_receive_bytes),
         ("grpc.keepalive_time_ms", int(config.keepalive_time_s * 1000)),
         ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_s * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),

@@ -170,10 +170,14 @@ ROUTER_REQUESTS_WAITING = Gauge(
     "kvmesh_router_requests_waiting",
     "Generate requests waiting for a decode worker to appear (the wake key is written meanwhile).",
 )
+ROUTER_REQUESTS_QUEUED = Gauge(
+    "kvmesh_router_requests_queued",
+    "Generate requests waiting for one of the router's --max-in-flight slots.",
+)
 ROUTER_SHED = Counter(
     "kvmesh_router_shed_total",
-    "Generate requests refused at once because their caller can go elsewhere (x-kvmesh-spill), "
-    "by reason: no_decode_workers or saturated.",
+    "Generate requests refused at once, by reason: no_decode_workers or saturated (callers "
+    "that can go elsewhere, x-kvmesh-spill), queue_full (any caller, past --max-queue).",
     ["reason"],
 )
 

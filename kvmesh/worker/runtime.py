@@ -24,6 +24,7 @@ from kvmesh.engine import Engine, EngineConfig, create_engine
 from kvmesh.errors import StoppedError
 from kvmesh.rpc import RpcServer, ServerConfig, ServiceBinding
 from kvmesh.rpc.errors import FailedPreconditionError
+from kvmesh.rpc.server import RECEIVE_BYTES
 from kvmesh.rpc.service import ServiceSpec, run_service
 from kvmesh.security.handles import META_KEY as HANDLE_KEY_META
 from kvmesh.security.handles import HandleSigner
@@ -243,7 +244,12 @@ async def run_worker(
     spec = ServiceSpec(
         role=config.tier,
         services=[tier_binding(runtime), *worker_bindings(runtime)],
-        server=ServerConfig(host=config.host, port=config.port, grace_s=config.grace_s),
+        server=ServerConfig(
+            host=config.host,
+            port=config.port,
+            grace_s=config.grace_s,
+            max_receive_bytes=RECEIVE_BYTES["worker"],
+        ),
         registry=config.registry,
         ttl_s=config.ttl_s,
         metrics_port=config.metrics_port,

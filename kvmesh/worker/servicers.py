@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from kvmesh.api.v1 import worker_pb2, worker_pb2_grpc
+from kvmesh.errors import InvalidRequestError
 from kvmesh.kv.events import AllCleared, BlockRemoved, BlockStored, KvEvent
 from kvmesh.types import TransferMode
 from kvmesh.worker.convert import load_to_proto
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
 _EVENT_POLL_S = 0.01
 KV_EVENT_HEARTBEAT_S = 1.0  # an idle event stream sends an empty batch this often
 _DEFAULT_LOAD_INTERVAL_S = 0.25
+MIN_LOAD_INTERVAL_MS = 20  # a watcher cannot make a worker report more often than this
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
@@ -67,6 +69,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     async def WatchLoad(
         self, request: worker_pb2.WatchLoadRequest, context: Any
     ) -> AsyncIterator[worker_pb2.LoadReport]:
+        if 0 < request.interval_ms < MIN_LOAD_INTERVAL_MS:
+            raise InvalidRequestError(
+                f"interval_ms must be 0 (the worker's default) or at least {MIN_LOAD_INTERVAL_MS}"
+            )
         interval = request.interval_ms / 1000 if request.interval_ms else _DEFAULT_LOAD_INTERVAL_S
         while True:
             yield load_to_proto(self._runtime.engine.load())

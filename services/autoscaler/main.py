@@ -22,6 +22,7 @@ from kvmesh import options
 from kvmesh.api.v1 import autoscaler_pb2, autoscaler_pb2_grpc
 from kvmesh.discovery import Discovery
 from kvmesh.rpc import RpcServer, ServerConfig, ServiceBinding, admin_authenticator
+from kvmesh.rpc.server import RECEIVE_BYTES
 from kvmesh.rpc.service import ServiceSpec, run_service
 from kvmesh.security.roles import Role
 from services.autoscaler.loop import DEFAULT_TICK_S, AutoscalerLoop, DecisionLog
@@ -105,7 +106,12 @@ async def run_autoscaler(config: AutoscalerConfig) -> None:
     spec = ServiceSpec(
         role="autoscaler",
         services=[binding],
-        server=ServerConfig(host=config.host, port=config.port, grace_s=config.grace_s),
+        server=ServerConfig(
+            host=config.host,
+            port=config.port,
+            grace_s=config.grace_s,
+            max_receive_bytes=RECEIVE_BYTES["admin"],
+        ),
         registry=config.registry,
         tags=["role=autoscaler"],
         metrics_port=config.metrics_port,

@@ -26,6 +26,7 @@ from kvmesh import models, options
 from kvmesh.api.v1 import controlplane_pb2, controlplane_pb2_grpc
 from kvmesh.discovery import Discovery
 from kvmesh.rpc import RpcServer, ServerConfig, ServiceBinding, admin_authenticator
+from kvmesh.rpc.server import RECEIVE_BYTES
 from kvmesh.rpc.service import ServiceSpec, run_service
 from kvmesh.security.roles import Role
 from services.controlplane.actuator import Actuator
@@ -208,7 +209,12 @@ async def run_controlplane(config: ControlPlaneConfig) -> None:
     spec = ServiceSpec(
         role="controlplane",
         services=[binding],
-        server=ServerConfig(host=config.host, port=config.port, grace_s=config.grace_s),
+        server=ServerConfig(
+            host=config.host,
+            port=config.port,
+            grace_s=config.grace_s,
+            max_receive_bytes=RECEIVE_BYTES["admin"],
+        ),
         registry=config.registry,
         tags=["role=controlplane"],
         metrics_port=config.metrics_port,

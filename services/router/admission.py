@@ -9,10 +9,16 @@
 Saturated: this router's admitted requests per ready decode worker reach `saturation_in_flight`
 (0: never). Admitted requests are counted from admission to their last message, prefill and
 migrations included, so the count moves at once, unlike load reports.
+
+Bounded, whatever the caller: at most `max_in_flight` admitted requests run at once; the next
+wait, in arrival order, in a queue of at most `max_queue`; past that a request is refused at
+once with RESOURCE_EXHAUSTED (the edge answers 429), so a burst never grows memory or latency
+without bound and never hangs a caller.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
@@ -36,17 +42,24 @@ class Admission:
         *,
         saturation_in_flight: int = 0,
         wake_timeout_s: float = 120.0,
+        max_in_flight: int = 0,
+        max_queue: int = 0,
     ) -> None:
         self._pool = pool
         self._wake = wake
         self._saturation = saturation_in_flight
         self._wake_timeout_s = wake_timeout_s
+        self._max_in_flight = max_in_flight
+        self._max_queue = max_queue
+        self._slots = asyncio.Semaphore(max_in_flight) if max_in_flight else None
         self.in_flight = 0
+        self.queued = 0
 
     @contextlib.asynccontextmanager
     async def admitted(self, *, spill: bool) -> AsyncIterator[None]:
         """Inside: the request is admitted and counted. Raises if it is refused or times out."""
         await self._refuse_or_wait(spill)
+        await self._take_slot()
         self.in_flight += 1
         metrics.ROUTER_REQUESTS_IN_FLIGHT.set(self.in_flight)
         try:
@@ -54,6 +67,25 @@ class Admission:
         finally:
             self.in_flight -= 1
             metrics.ROUTER_REQUESTS_IN_FLIGHT.set(self.in_flight)
+            if self._slots is not None:
+                self._slots.release()
+
+    async def _take_slot(self) -> None:
+        if self._slots is None:
+            return
+        if self._slots.locked() and self.queued >= self._max_queue:
+            metrics.ROUTER_SHED.labels("queue_full").inc()
+            raise ResourceExhaustedError(
+                f"router queue full: {self.in_flight} requests running (limit "
+                f"{self._max_in_flight}) and {self.queued} waiting (limit {self._max_queue})"
+            )
+        self.queued += 1
+        metrics.ROUTER_REQUESTS_QUEUED.set(self.queued)
+        try:
+            await self._slots.acquire()
+        finally:
+            self.queued -= 1
+            metrics.ROUTER_REQUESTS_QUEUED.set(self.queued)
 
     async def _refuse_or_wait(self, spill: bool) -> None:
         if not self._pool.workers("decode"):

@@ -34,6 +34,8 @@ class RouterConfig:
     only_workers: tuple[str, ...] = ()  # route only to these worker ids (empty: all)
     saturation_in_flight: int = 0  # spill callers are refused at this many per decode worker
     wake_timeout_s: float = 120.0  # how long a request waits for a decode worker to appear
+    max_in_flight: int = 512  # requests running at once; more wait in the queue (0: no limit)
+    max_queue: int = 1024  # requests waiting for a slot; past it, RESOURCE_EXHAUSTED at once
     kv_datacenter: str | None = None  # where shared KV keys (wake) go; None: the agent's own
 
 
@@ -70,6 +72,19 @@ def parse(argv: list[str] | None = None) -> tuple[RouterConfig, str]:
         default=_DEFAULTS.saturation_in_flight,
         help="refuse callers that can spill elsewhere (x-kvmesh-spill) with RESOURCE_EXHAUSTED "
         "once this router's requests in flight per decode worker reach this; 0: never",
+    )
+    admission.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=_DEFAULTS.max_in_flight,
+        help="requests this router runs at once; the next ones wait in a queue (0: no limit)",
+    )
+    admission.add_argument(
+        "--max-queue",
+        type=int,
+        default=_DEFAULTS.max_queue,
+        help="requests that may wait for a slot; past it, RESOURCE_EXHAUSTED at once (the edge "
+        "answers 429)",
     )
     admission.add_argument(
         "--wake-timeout-s",
@@ -153,8 +168,12 @@ def parse(argv: list[str] | None = None) -> tuple[RouterConfig, str]:
         only_workers=tuple(w for w in args.only_workers.split(",") if w),
         saturation_in_flight=args.saturation_in_flight,
         wake_timeout_s=args.wake_timeout_s,
+        max_in_flight=args.max_in_flight,
+        max_queue=args.max_queue,
         kv_datacenter=args.kv_datacenter,
     )
+    if config.max_in_flight < 0 or config.max_queue < 0:
+        parser.error("--max-in-flight and --max-queue must not be negative")
     if config.saturation_in_flight < 0:
         parser.error("--saturation-in-flight must not be negative")
     if config.wake_timeout_s < 0:

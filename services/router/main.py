@@ -10,6 +10,7 @@ from kvmesh import models
 from kvmesh.api.v1 import generation_pb2, generation_pb2_grpc
 from kvmesh.discovery import Discovery
 from kvmesh.rpc import RpcServer, ServerConfig, ServiceBinding
+from kvmesh.rpc.server import RECEIVE_BYTES
 from kvmesh.rpc.service import ServiceSpec, run_service
 from kvmesh.text import load_tokenizer
 from services.router.admission import Admission
@@ -49,6 +50,8 @@ async def run_router(config: RouterConfig) -> None:
         wake,
         saturation_in_flight=config.saturation_in_flight,
         wake_timeout_s=config.wake_timeout_s,
+        max_in_flight=config.max_in_flight,
+        max_queue=config.max_queue,
     )
     servicer = GenerationServicer(config, pool, tokenizer, source.model_id, planner, admission)
     binding = ServiceBinding(
@@ -58,7 +61,12 @@ async def run_router(config: RouterConfig) -> None:
     spec = ServiceSpec(
         role="router",
         services=[binding],
-        server=ServerConfig(host=config.host, port=config.port, grace_s=config.grace_s),
+        server=ServerConfig(
+            host=config.host,
+            port=config.port,
+            grace_s=config.grace_s,
+            max_receive_bytes=RECEIVE_BYTES["router"],
+        ),
         registry=config.registry,
         tags=[f"model={source.model_id}", "role=router"],
         metrics_port=config.metrics_port,

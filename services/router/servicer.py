@@ -101,7 +101,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         if request.model and request.model not in (self._model_id, self._config.model):
             raise ModelNotFoundError(f"model {request.model!r} is not served here")
         request_id = request.request_id or _current_request_id()
-        prompt = self._tokenize(request)
+        prompt = await asyncio.to_thread(self._tokenize, request)  # off the event loop
         sampling = convert.sampling_from_proto(
             request.sampling, default_max_tokens=self._config.default_max_tokens
         )
@@ -171,7 +171,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         self, request: generation_pb2.GenerateRequest, context: Any
     ) -> generation_pb2.RouteExplanation:
         """Where Generate would send this request now, with every candidate's numbers."""
-        prompt = self._tokenize(request)
+        prompt = await asyncio.to_thread(self._tokenize, request)  # off the event loop
         salt = tenant_salt(request.tenant, request.cache_salt)
         plan = self._planner.plan(prompt, salt=salt, record=False)
         explanation = generation_pb2.RouteExplanation(

@@ -118,3 +118,15 @@ async def test_a_forged_handle_is_refused_and_the_mesh_serves_on(mesh: Mesh) -> 
     assert await metric(prefill_worker, "kvmesh_worker_leases_active") == 0
     issued = await prefill(mesh, "after", PROMPT_B)
     assert len(await decode(mesh, PROMPT_B, issued.first_token_id, issued.kv_handle)) == 3
+
+
+async def test_watch_load_faster_than_its_minimum_is_refused(mesh: Mesh) -> None:
+    async with grpc_channel(only(mesh, "decode")) as channel:
+        stream = worker_pb2_grpc.WorkerStub(channel).WatchLoad(
+            worker_pb2.WatchLoadRequest(interval_ms=5), timeout=10
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in stream:
+                pass
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "at least 20" in (caught.value.details() or "")

@@ -23,6 +23,9 @@ from kvmesh.discovery.registry.records import (
     TaggedAddress,
 )
 
+# Each gRPC check is a call the registry makes: no client may ask for them faster than this.
+MIN_CHECK_INTERVAL_NS = 50_000_000
+
 _DECODE_FAILED = "Request decode failed: "
 _UNSUPPORTED_CHECKS = {
     "http": "HTTP",
@@ -137,6 +140,11 @@ def _check(fields: _Fields) -> CheckDefinition:
         raise BadRequestError("Invalid check: Interval and TTL cannot both be specified")
     if grpc and interval <= 0:
         raise BadRequestError("Invalid check: Interval must be > 0 for gRPC checks")
+    if grpc and interval < MIN_CHECK_INTERVAL_NS:
+        raise BadRequestError(
+            f"Invalid check: Interval must be at least {MIN_CHECK_INTERVAL_NS // 1_000_000}ms "
+            "for gRPC checks"
+        )
     if not grpc and ttl <= 0:
         raise BadRequestError("Invalid check: TTL must be > 0 for TTL checks")
     status_text = fields.string("Status")

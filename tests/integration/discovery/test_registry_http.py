@@ -267,6 +267,13 @@ async def test_an_unreachable_grpc_target_is_critical_with_the_error(agent: Agen
     assert state["Output"].startswith("rpc error: code = Unavailable")
 
 
+async def test_a_grpc_check_faster_than_50ms_is_refused(agent: Agent) -> None:
+    check = {"GRPC": "127.0.0.1:1", "Interval": "10ms"}
+    reply = await agent.put(REGISTER, {"Name": "hammer", "Check": check})
+    assert reply.status == 400
+    assert "at least 50ms" in reply.text
+
+
 # -- KV ------------------------------------------------------------------------------------------
 
 

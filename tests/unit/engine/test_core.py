@@ -16,7 +16,12 @@ import torch
 from kvmesh import models
 from kvmesh.engine import EngineConfig
 from kvmesh.engine.torch_engine import TorchCore
-from kvmesh.errors import InvalidRequestError, ModelNotFoundError, UnknownRequestError
+from kvmesh.errors import (
+    InvalidRequestError,
+    ModelNotFoundError,
+    OverloadedError,
+    UnknownRequestError,
+)
 from kvmesh.kv.errors import LayoutMismatchError
 from kvmesh.kv.events import BlockRemoved, BlockStored
 from kvmesh.sampling import SamplingParams
@@ -416,3 +421,15 @@ def test_a_cache_salt_isolates_the_prefix_cache(core: TorchCore) -> None:
     assert cached("a2", "tenant-a") == 28  # all but the last block, whose last token runs
     assert cached("b1", "tenant-b") == 0
     assert cached("plain", "") == 0
+
+
+def test_a_full_waiting_queue_refuses_new_requests() -> None:
+    small = tiny(max_num_waiting=2)
+    small.add(GenerateRequest("w1", (5, 6), NO_EOS))
+    small.add(GenerateRequest("w2", (5, 6), NO_EOS))
+    with pytest.raises(OverloadedError, match="queue is full"):
+        small.add(GenerateRequest("w3", (5, 6), NO_EOS))
+    run_until_idle(small)
+    small.add(GenerateRequest("w3", (5, 6), NO_EOS))  # room again
+    run_until_idle(small)
+    assert small.is_idle_and_whole()

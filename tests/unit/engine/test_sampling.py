@@ -62,6 +62,9 @@ def test_logprobs_are_those_of_the_unscaled_distribution() -> None:
         (SamplingParams(top_logprobs=-1), "top_logprobs"),
         (SamplingParams(stop=("",)), "stop strings"),
         (SamplingParams(stop_token_ids=(-1,)), "stop_token_ids"),
+        (SamplingParams(stop=tuple("abcdefghijklmnopq")), "at most 16 stop strings"),
+        (SamplingParams(stop=("x" * 257,)), "at most 256 characters"),
+        (SamplingParams(stop_token_ids=tuple(range(1, 100)) * 3), "at most 256 stop_token_ids"),
     ],
 )
 def test_invalid_parameters_are_refused_with_a_message(

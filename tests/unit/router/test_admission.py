@@ -134,3 +134,49 @@ async def test_the_wait_ends_unavailable_and_registry_failures_do_not_fail_it() 
         async with gate.admitted(spill=False):
             pass
     assert kv.written.is_set()
+
+
+async def test_past_max_in_flight_requests_queue_and_past_the_queue_they_are_refused() -> None:
+    gate = admission(FakePool(num_decode=1), max_in_flight=2, max_queue=1)
+    release = asyncio.Event()
+    order: list[str] = []
+
+    async def request(name: str) -> None:
+        async with gate.admitted(spill=False):
+            order.append(name)
+            await release.wait()
+
+    running = [asyncio.create_task(request(n)) for n in ("a", "b")]
+    await asyncio.sleep(0)  # both admitted
+    waiting = asyncio.create_task(request("c"))
+    await asyncio.sleep(0)
+    assert (gate.in_flight, gate.queued, order) == (2, 1, ["a", "b"])
+    with pytest.raises(ResourceExhaustedError, match="router queue full: 2 requests running"):
+        async with gate.admitted(spill=False):
+            pass
+    release.set()
+    await asyncio.gather(*running, waiting)
+    assert order == ["a", "b", "c"] and (gate.in_flight, gate.queued) == (0, 0)
+
+
+async def test_a_caller_that_leaves_the_queue_frees_its_place() -> None:
+    gate = admission(FakePool(num_decode=1), max_in_flight=1, max_queue=1)
+    hold = asyncio.Event()
+
+    async def request() -> None:
+        async with gate.admitted(spill=False):
+            await hold.wait()
+
+    first = asyncio.create_task(request())
+    await asyncio.sleep(0)
+    second = asyncio.create_task(request())
+    await asyncio.sleep(0)
+    assert gate.queued == 1
+    second.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await second
+    assert gate.queued == 0
+    hold.set()
+    await first
+    async with gate.admitted(spill=False):  # the slot came back
+        assert gate.in_flight == 1
