@@ -14,7 +14,7 @@ question than the one asked. Unknown fields are ignored, as OpenAI's servers do.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -54,8 +54,8 @@ class _GenerationRequest(_Model):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     max_tokens: PositiveUint32 | None = None
-    temperature: FiniteFloat | None = None
-    top_p: FiniteFloat | None = None
+    temperature: Annotated[FiniteFloat, Field(ge=0.0, le=2.0)] | None = None  # OpenAI's range
+    top_p: Annotated[FiniteFloat, Field(gt=0.0, le=1.0)] | None = None
     seed: Seed | None = None
     stop: list[str] | None = None  # a single string is normalized to a list of one
     n: int | None = None
@@ -88,7 +88,7 @@ class _GenerationRequest(_Model):
 
 
 class ChatMessage(_Model):
-    role: str
+    role: Literal["system", "developer", "user", "assistant"]  # tool calls are not supported
     content: str  # a list of text parts is joined into one string
 
     @field_validator("content", mode="before")
@@ -117,7 +117,7 @@ class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage]
     max_completion_tokens: PositiveUint32 | None = None  # preferred over max_tokens
     logprobs: bool | None = None
-    top_logprobs: Uint32 | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None  # OpenAI's range
 
     @field_validator("messages")
     @classmethod
@@ -133,7 +133,8 @@ class ChatCompletionRequest(_GenerationRequest):
 
 class CompletionRequest(_GenerationRequest):
     prompt: str | list[int]  # text, or token ids (checked by `_one_prompt`)
-    logprobs: Uint32 | None = None  # how many top alternatives per token (0: the chosen only)
+    # how many top alternatives per token (0: the chosen only); OpenAI's range
+    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -161,6 +162,26 @@ class CompletionRequest(_GenerationRequest):
 
 # Known OpenAI / vLLM fields kvmesh cannot honour; each may only hold its no-op value.
 _UNSUPPORTED_COMMON: dict[str, tuple[Any, ...]] = {
+    # vLLM's sampling and structured-output extensions, and other engines' knobs
+    "min_p": (None, 0),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
+    "guided_decoding_backend": (None,),
+    "structured_outputs": (None,),
+    "chat_template": (None,),
+    "chat_template_kwargs": (None, {}),
+    "add_generation_prompt": (None, True),
+    "continue_final_message": (None, False),
+    "skip_special_tokens": (None, True),
+    "spaces_between_special_tokens": (None, True),
+    "truncate_prompt_tokens": (None,),
+    "prompt_logprobs": (None,),
+    "reasoning_effort": (None,),
+    "verbosity": (None,),
+    "web_search_options": (None,),
+    "modalities": (None, ["text"]),
     "min_tokens": (None, 0),
     "presence_penalty": (None, 0),
     "frequency_penalty": (None, 0),

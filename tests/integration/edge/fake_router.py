@@ -11,7 +11,8 @@ answer (finish LENGTH), otherwise it ends with STOP. Some inputs script other be
     "no-finish"             one message, then ends without a finish reason
     "abort"                 one message, then finishes with FINISH_REASON_ABORT
 
-Rules of the real router that the edge must pass through: temperature < 0 is INVALID_ARGUMENT,
+Rules of the real router that the edge must pass through: temperature < 0 and top_k < 0 are
+INVALID_ARGUMENT,
 a model other than `MODEL` is NOT_FOUND. Every request, its `x-request-id` metadata and every
 cancellation are recorded.
 
@@ -96,6 +97,8 @@ class FakeRouter(generation_pb2_grpc.GenerationServicer):
         sampling = request.sampling
         if sampling.HasField("temperature") and sampling.temperature < 0:
             raise InvalidArgumentError(f"temperature must be >= 0, got {sampling.temperature:g}")
+        if sampling.HasField("top_k") and sampling.top_k < 0:
+            raise InvalidArgumentError(f"top_k must be >= 0 (0 disables it), got {sampling.top_k}")
         prompt, tokens = _prompt(request)
         if prompt.startswith("fail:"):
             raise RpcCallError(

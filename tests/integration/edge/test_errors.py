@@ -161,10 +161,36 @@ async def test_body_over_the_limit_is_413(http: httpx.AsyncClient, fake: FakeRou
 async def test_router_invalid_argument_passes_through(
     http: httpx.AsyncClient, fake: FakeRouter
 ) -> None:
-    # The edge does not judge values: the router does, and its words reach the client.
-    response = await http.post(CHAT, json=chat(temperature=-1))
-    assert_openai_error(response, 400, says="temperature must be >= 0, got -1")
-    assert fake.requests[0].sampling.temperature == -1
+    # What OpenAI's API allows, the edge passes on; the router judges the rest, and its words
+    # reach the client (top_k is vLLM's, with no OpenAI range).
+    response = await http.post(CHAT, json=chat(top_k=-1))
+    assert_openai_error(response, 400, says="top_k must be >= 0")
+    assert fake.requests[0].sampling.top_k == -1
+
+
+@pytest.mark.usefixtures("still_serving")
+@pytest.mark.parametrize(
+    ("fields", "param", "says"),
+    [
+        ({"temperature": -1}, "temperature", "greater than or equal to 0"),
+        ({"temperature": 2.5}, "temperature", "less than or equal to 2"),
+        ({"top_p": 0}, "top_p", "greater than 0"),
+        ({"top_p": 1.5}, "top_p", "less than or equal to 1"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "less than or equal to 20"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role", "'user'"),
+        ({"min_p": 0.1}, "min_p", "not supported"),
+        ({"guided_json": {"type": "object"}}, "guided_json", "not supported"),
+        ({"structured_outputs": {"json": {}}}, "structured_outputs", "not supported"),
+        ({"chat_template_kwargs": {"x": 1}}, "chat_template_kwargs", "not supported"),
+        ({"reasoning_effort": "low"}, "reasoning_effort", "not supported"),
+    ],
+)
+async def test_out_of_openais_ranges_or_unimplemented_is_a_400_at_the_edge(
+    http: httpx.AsyncClient, fake: FakeRouter, fields: dict[str, object], param: str, says: str
+) -> None:
+    response = await http.post(CHAT, json=chat(**fields))
+    assert_openai_error(response, 400, param=param, says=says)
+    assert fake.requests == []  # refused before the router
 
 
 @pytest.mark.usefixtures("still_serving")
