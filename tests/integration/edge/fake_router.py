@@ -12,9 +12,8 @@ answer (finish LENGTH), otherwise it ends with STOP. Some inputs script other be
     "abort"                 one message, then finishes with FINISH_REASON_ABORT
 
 Rules of the real router that the edge must pass through: temperature < 0 and top_k < 0 are
-INVALID_ARGUMENT,
-a model other than `MODEL` is NOT_FOUND. Every request, its `x-request-id` metadata and every
-cancellation are recorded.
+INVALID_ARGUMENT, a model other than `MODEL` is NOT_FOUND. Every request, its `x-request-id`
+metadata and every cancellation are recorded.
 
 As one cluster among several (spillover, failover), like the real router: `resume_token_ids`
 skip that many tokens of the echo (they count in usage), token ids are sent when asked for, and
