@@ -565,6 +565,39 @@ def bench_mesh(
     _emit(result, json_out)
 
 
+@main.command("bench-admission")
+@click.option("--burst", default=64, show_default=True, help="requests sent at once")
+@click.option("--max-in-flight", default=4, show_default=True, help="the router's")
+@click.option("--max-queue", default=8, show_default=True, help="the router's")
+@click.option("--max-tokens", default=32, show_default=True)
+@click.option("--speed", default=0.1, show_default=True, help="the sim engine's speed")
+@click.option("--json-out", type=click.Path(path_type=Path), default=None)
+def bench_admission(
+    burst: int,
+    max_in_flight: int,
+    max_queue: int,
+    max_tokens: int,
+    speed: float,
+    json_out: Path | None,
+) -> None:
+    """A burst past the router's admission bounds (sim workers): admitted vs refused, and the
+    admitted requests' p99 latency against one request alone."""
+    from kvmesh.bench import admission
+
+    if min(burst, max_in_flight, max_tokens) < 1 or max_queue < 0 or speed <= 0:
+        raise click.BadParameter("burst, max-in-flight, max-tokens >= 1; max-queue >= 0; speed > 0")
+    result = asyncio.run(
+        admission.run(
+            burst=burst,
+            max_in_flight=max_in_flight,
+            max_queue=max_queue,
+            max_tokens=max_tokens,
+            speed=speed,
+        )
+    )
+    _emit(result, json_out)
+
+
 @main.command("bench")
 @click.option("--url", default=None, help="an OpenAI-compatible server: http://host:port")
 @click.option("--grpc", default=None, help="kvmesh's Generation API (the router): host:port")
