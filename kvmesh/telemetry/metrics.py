@@ -51,7 +51,8 @@ KV_TRANSFER_SECONDS = Histogram(
 KV_HANDLES = Counter(
     "kvmesh_kv_handles_total",
     "KV handles a decode worker was given: verified (used), unverified (its prefill worker is "
-    "not in discovery: computed locally), refused (forged, altered, expired, another prompt).",
+    "not in discovery: computed locally), refused (forged, altered, expired, another prompt), "
+    "read_raced_expiry (the lease could have run out during the READ: computed locally).",
     ["outcome"],
 )
 

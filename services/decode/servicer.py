@@ -1,6 +1,6 @@
 """`kvmesh.v1.Decode`: decode a request, its prompt KV read from a prefill worker or computed here.
 
-With a KvHandle, by the engine's transfer mode:
+With a KvHandle (checked first: `kvmesh.security.handles`), by the engine's transfer mode:
 
 - MESH: reserve local blocks for what this worker's prefix cache lacks, READ those blocks from
   the prefill worker over NIXL (the READ's notification releases the prefill's lease);
@@ -156,6 +156,9 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
                 )
                 metrics.KV_TRANSFER_BYTES.labels("received").inc(result.num_bytes)
                 metrics.KV_TRANSFER_SECONDS.observe(time.perf_counter() - started)
+                if lease_may_have_ended(handle):
+                    await self._discard_raced(local_id, handle)
+                    return None
             else:  # everything was cached here: release the lease by RPC
                 self._spawn(self.peers.release_lease(handle))
         except KvError as e:
@@ -185,13 +188,36 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
             log.warning("engine KV transfer failed; computing locally", error=str(e))
             return None
         self._spawn(self.peers.release_lease(handle))
+        if plan.num_cached_blocks < len(plan.block_ids) and lease_may_have_ended(handle):
+            await self._discard_raced(local_id, handle)
+            return None
         moved = len(plan.block_ids) - plan.num_cached_blocks
         return engine.generate_imported(plan, first_token), moved
+
+    async def _discard_raced(self, local_id: str, handle: common_pb2.KvHandle) -> None:
+        """The lease could have run out while the KV moved, and the prefill worker reused the
+        blocks: use nothing moved (the import was never started: nothing is cached)."""
+        await self._runtime.engine.abort(local_id)
+        metrics.KV_HANDLES.labels("read_raced_expiry").inc()
+        log.warning(
+            "the lease could have expired during the KV read; computing locally",
+            request_id=handle.request_id,
+        )
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.ensure_future(coroutine)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+LEASE_MARGIN_S = 1.0  # clock skew tolerated between the prefill and the decode worker
+
+
+def lease_may_have_ended(handle: common_pb2.KvHandle, now: float | None = None) -> bool:
+    """Whether the handle's lease could have run out by `now` (by the prefill worker's clock,
+    with `LEASE_MARGIN_S` for skew): a READ that ends this late may hold reused blocks."""
+    now = time.time() if now is None else now
+    return now >= handle.lease_expiry.ToMicroseconds() / 1e6 - LEASE_MARGIN_S
 
 
 def binding(runtime: WorkerRuntime) -> ServiceBinding:

@@ -9,6 +9,8 @@ cache is unchanged; a genuine handle with its own prompt still moves the KV.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import grpc
 import pytest
 
 from kvmesh.api.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from kvmesh.telemetry.scrape import scrape, total
 from kvmesh.up import Child, Mesh
 from tests.e2e.mesh import grpc_channel, metric, running_mesh
 
@@ -35,23 +38,25 @@ def only(mesh: Mesh, tier: str) -> Child:
     return child
 
 
-async def prefill(mesh: Mesh, request_id: str, prompt: list[int]) -> worker_pb2.PrefillResponse:
+async def prefill(
+    mesh: Mesh, request_id: str, prompt: list[int], lease_ms: int | None = None
+) -> worker_pb2.PrefillResponse:
+    request = worker_pb2.PrefillRequest(
+        request_id=request_id, prompt_token_ids=prompt, sampling=GREEDY, lease_ms=lease_ms
+    )
     async with grpc_channel(only(mesh, "prefill")) as channel:
         response: worker_pb2.PrefillResponse = await worker_pb2_grpc.PrefillStub(channel).Prefill(
-            worker_pb2.PrefillRequest(
-                request_id=request_id, prompt_token_ids=prompt, sampling=GREEDY
-            ),
-            timeout=60,
+            request, timeout=60
         )
     assert response.HasField("kv_handle")
     return response
 
 
 async def decode(
-    mesh: Mesh, prompt: list[int], first: int, handle: common_pb2.KvHandle
+    mesh: Mesh, prompt: list[int], first: int, handle: common_pb2.KvHandle | None
 ) -> list[int]:
     request = worker_pb2.DecodeRequest(
-        request_id=handle.request_id,
+        request_id=handle.request_id if handle else "local",
         prompt_token_ids=prompt,
         generated_token_ids=[first],
         sampling=GREEDY,
@@ -130,3 +135,29 @@ async def test_watch_load_faster_than_its_minimum_is_refused(mesh: Mesh) -> None
                 pass
     assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "at least 20" in (caught.value.details() or "")
+
+
+async def test_a_read_racing_the_leases_expiry_is_not_used(mesh: Mesh) -> None:
+    """A READ that ends in the last second of the lease (where the prefill worker, by its clock
+    and a second of skew, may already have reused the blocks) is thrown away: the decode worker
+    computes the prompt itself and answers as if it had never had a handle."""
+    decode_worker = only(mesh, "decode")
+    prompt = list(range(500, 564))
+    issued = await prefill(mesh, "race", prompt, lease_ms=1500)
+    expiry = issued.kv_handle.lease_expiry.ToMicroseconds() / 1e6
+    # Into the race window: the behaviour under test is what happens there.
+    await asyncio.sleep(max(0.0, expiry - time.time() - 0.7))
+    received = await metric(decode_worker, "kvmesh_kv_transfer_bytes_total")
+    raced = await handles_counted(decode_worker, "read_raced_expiry")
+    tokens = await decode(mesh, prompt, issued.first_token_id, issued.kv_handle)
+    assert await metric(decode_worker, "kvmesh_kv_transfer_bytes_total") > received  # it read
+    assert await handles_counted(decode_worker, "read_raced_expiry") == raced + 1  # unused
+    assert tokens == await decode(mesh, prompt, issued.first_token_id, None)  # computed here
+
+
+async def handles_counted(child: Child, outcome: str) -> float:
+    return total(
+        await scrape(child.metrics_port),
+        "kvmesh_kv_handles_total",
+        containing=f'outcome="{outcome}"',
+    )
