@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -34,6 +35,38 @@ async def running_mesh(
         extra_worker_args=["--num-blocks", "512", *(worker_args or [])],
     )
     mesh = Mesh(config)
+    try:
+        await mesh.start()
+        yield mesh
+    finally:
+        await mesh.stop()
+
+
+SIM_MODEL = "dummy:smollm2-135m"  # SmolLM2's shape, tokenizer and chat template: no weights
+
+
+@asynccontextmanager
+async def sim_mesh(
+    log_dir: Path,
+    *,
+    speed: float,
+    worker_args: Sequence[str] = (),
+    **config: Any,
+) -> AsyncIterator[Mesh]:
+    """The mesh on free ports with sim workers (no torch, no weights) running at `speed` times
+    a real GPU; `config` sets any other `UpConfig` field."""
+    settings: dict[str, Any] = {
+        "model": SIM_MODEL,
+        "registry_port": 0,
+        "router_port": 0,
+        "edge_port": 0,
+        "device": "cpu",
+        "log_dir": log_dir,
+        "extra_worker_args": [
+            "--engine", "sim", "--engine-arg", f"speed={speed}", *worker_args,
+        ],
+    } | config  # fmt: skip
+    mesh = Mesh(UpConfig(**settings))
     try:
         await mesh.start()
         yield mesh

@@ -10,31 +10,19 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from kvmesh.up import Mesh, UpConfig
-
-MODEL = "dummy:smollm2-135m"
+from kvmesh.up import Mesh
+from tests.e2e.mesh import sim_mesh
 
 
 @pytest.fixture(scope="module")
 async def mesh(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Mesh]:
-    config = UpConfig(
-        model=MODEL,
+    async with sim_mesh(
+        tmp_path_factory.mktemp("admission") / "logs",
+        speed=0.5,
         num_prefill=0,
-        num_decode=1,
-        registry_port=0,
-        router_port=0,
-        edge_port=0,
-        device="cpu",
-        log_dir=tmp_path_factory.mktemp("admission") / "logs",
-        extra_worker_args=["--engine", "sim", "--engine-arg", "speed=0.5"],
         extra_router_args=["--max-in-flight", "2", "--max-queue", "2"],
-    )
-    running = Mesh(config)
-    try:
-        await running.start()
+    ) as running:
         yield running
-    finally:
-        await running.stop()
 
 
 async def chat(http: httpx.AsyncClient, model: str) -> int:

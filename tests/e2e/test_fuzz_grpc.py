@@ -26,9 +26,10 @@ from kvmesh.api.v1 import (
     worker_pb2_grpc,
 )
 from kvmesh.rpc import open_channel
-from kvmesh.up import Mesh, UpConfig
+from kvmesh.up import Mesh
+from tests.e2e.mesh import SIM_MODEL as MODEL
+from tests.e2e.mesh import sim_mesh
 
-MODEL = "dummy:smollm2-135m"
 BAD = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 U32 = 2**32 - 1
 
@@ -139,25 +140,13 @@ def worker_calls(draw: st.DrawFn) -> tuple[str, Any]:
 
 @pytest.fixture(scope="module")
 async def mesh(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Mesh]:
-    config = UpConfig(
-        model=MODEL,
-        registry_port=0,
-        router_port=0,
-        edge_port=0,
-        device="cpu",
+    async with sim_mesh(
+        tmp_path_factory.mktemp("fuzz") / "logs",
+        speed=20,
+        worker_args=["--engine-arg", "num_blocks=512", "--lease-s", "2"],
         disagg_min_tokens=0,
-        log_dir=tmp_path_factory.mktemp("fuzz") / "logs",
-        extra_worker_args=[
-            "--engine", "sim", "--engine-arg", "speed=20", "--engine-arg", "num_blocks=512",
-            "--lease-s", "2",
-        ],
-    )  # fmt: skip
-    running = Mesh(config)
-    try:
-        await running.start()
+    ) as running:
         yield running
-    finally:
-        await running.stop()
 
 
 async def _status(call: Coroutine[Any, Any, Any]) -> grpc.StatusCode:

@@ -11,36 +11,23 @@ from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
 from kvmesh.telemetry.scrape import scrape, total
-from kvmesh.up import Child, Mesh, UpConfig
+from kvmesh.up import Child, Mesh
+from tests.e2e.mesh import SIM_MODEL as MODEL
+from tests.e2e.mesh import sim_mesh
 
-MODEL = "dummy:smollm2-135m"  # SmolLM2's shape, and its tokenizer and chat template
 MAX_TOKENS = 12
 
 
 @pytest.fixture(scope="module")
 async def mesh(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Mesh]:
-    config = UpConfig(
-        model=MODEL,
-        num_prefill=1,
-        num_decode=1,
-        registry_port=0,
-        router_port=0,
-        edge_port=0,
-        device="cpu",
+    async with sim_mesh(
+        tmp_path_factory.mktemp("sim-mesh") / "logs",
+        speed=10,
+        worker_args=["--engine-arg", "gpu=H100", "--engine-arg", "num_blocks=512"],
         disagg_min_tokens=0,  # every request prefilled on the prefill worker
-        log_dir=tmp_path_factory.mktemp("sim-mesh") / "logs",
         start_timeout_s=120,
-        extra_worker_args=[
-            "--engine", "sim", "--engine-arg", "gpu=H100", "--engine-arg", "speed=10",
-            "--engine-arg", "num_blocks=512",
-        ],
-    )  # fmt: skip
-    running = Mesh(config)
-    try:
-        await running.start()
+    ) as running:
         yield running
-    finally:
-        await running.stop()
 
 
 def worker(mesh: Mesh, tier: str) -> Child:

@@ -147,9 +147,9 @@ async def test_past_max_in_flight_requests_queue_and_past_the_queue_they_are_ref
             await release.wait()
 
     running = [asyncio.create_task(request(n)) for n in ("a", "b")]
-    await asyncio.sleep(0)  # both admitted
+    await asyncio.sleep(0)  # a yield to the event loop, no time passes: both are admitted
     waiting = asyncio.create_task(request("c"))
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # a yield: c reaches the queue
     assert (gate.in_flight, gate.queued, order) == (2, 1, ["a", "b"])
     with pytest.raises(ResourceExhaustedError, match="router queue full: 2 requests running"):
         async with gate.admitted(spill=False):
@@ -168,9 +168,9 @@ async def test_a_caller_that_leaves_the_queue_frees_its_place() -> None:
             await hold.wait()
 
     first = asyncio.create_task(request())
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # a yield: first takes the slot
     second = asyncio.create_task(request())
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # a yield: second reaches the queue
     assert gate.queued == 1
     second.cancel()
     with contextlib.suppress(asyncio.CancelledError):
