@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 
 from kvmesh.rpc import open_channel
+from kvmesh.security.tls import TlsIdentity
 from kvmesh.telemetry.scrape import scrape, total
 from kvmesh.up import Child, Mesh, UpConfig
 
@@ -92,8 +93,11 @@ def grpc_address(child: Child) -> str:
 
 
 @asynccontextmanager
-async def grpc_channel(child: Child) -> AsyncIterator[grpc.aio.Channel]:
-    channel = open_channel(grpc_address(child))
+async def grpc_channel(
+    child: Child, identity: TlsIdentity | None = None
+) -> AsyncIterator[grpc.aio.Channel]:
+    """A channel to `child`: plaintext, or mutual TLS as `identity` on a secure mesh."""
+    channel = open_channel(grpc_address(child), identity=identity)
     try:
         yield channel
     finally:

@@ -1,6 +1,8 @@
-"""Lease-bound KV handles on a plain mesh (no TLS), as real processes on 127.0.0.1.
+"""Lease-bound KV handles, as real processes on 127.0.0.1: on a plain mesh (no TLS), and under
+`kvmesh up --secure` as a caller holding the router's certificate (the only role that may call
+Prefill and Decode there, so the one a stolen or compromised identity would be).
 
-Anyone who reaches a plaintext port can call Prefill and get a genuine handle; before handles
+On a plain mesh anyone who reaches a port can call Prefill and get a genuine handle; before handles
 were signed and bound to their prompt, replaying one with another prompt made the decode worker
 cache the first prompt's KV under the second prompt's hashes. Now the decode worker refuses a
 handle that is forged, altered or presented with another prompt, reads nothing, and its prefix
@@ -12,12 +14,15 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import grpc
 import pytest
 
 from kvmesh.api.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from kvmesh.security.roles import Role
+from kvmesh.security.tls import TlsIdentity
 from kvmesh.telemetry.scrape import scrape, total
 from kvmesh.up import Child, Mesh
 from tests.e2e.mesh import grpc_channel, metric, running_mesh
@@ -28,14 +33,27 @@ PROMPT_B = list(range(300, 364))
 
 
 @pytest.fixture(scope="module")
-async def mesh(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Mesh]:
+async def plain_mesh(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Mesh]:
     async with running_mesh(Path(tmp_path_factory.mktemp("handles"))) as running:
         yield running
+
+
+@pytest.fixture(scope="module", params=["plain_mesh", "secure_mesh"])
+def mesh(request: pytest.FixtureRequest) -> Mesh:
+    running: Mesh = request.getfixturevalue(request.param)
+    return running
 
 
 def only(mesh: Mesh, tier: str) -> Child:
     (child,) = mesh.workers(tier)
     return child
+
+
+def to(mesh: Mesh, tier: str) -> AbstractAsyncContextManager[grpc.aio.Channel]:
+    """A channel to the tier's worker; on a secure mesh, as the router."""
+    tls_dir = mesh.config.tls_dir
+    identity = TlsIdentity.load(tls_dir, Role.ROUTER) if tls_dir is not None else None
+    return grpc_channel(only(mesh, tier), identity)
 
 
 async def prefill(
@@ -44,7 +62,7 @@ async def prefill(
     request = worker_pb2.PrefillRequest(
         request_id=request_id, prompt_token_ids=prompt, sampling=GREEDY, lease_ms=lease_ms
     )
-    async with grpc_channel(only(mesh, "prefill")) as channel:
+    async with to(mesh, "prefill") as channel:
         response: worker_pb2.PrefillResponse = await worker_pb2_grpc.PrefillStub(channel).Prefill(
             request, timeout=60
         )
@@ -63,14 +81,14 @@ async def decode(
         kv_handle=handle,
     )
     tokens: list[int] = []
-    async with grpc_channel(only(mesh, "decode")) as channel:
+    async with to(mesh, "decode") as channel:
         async for response in worker_pb2_grpc.DecodeStub(channel).Decode(request, timeout=60):
             tokens += response.token_ids
     return tokens
 
 
 async def cached_hashes(mesh: Mesh) -> set[int]:
-    async with grpc_channel(only(mesh, "decode")) as channel:
+    async with to(mesh, "decode") as channel:
         snapshot = await worker_pb2_grpc.WorkerStub(channel).GetKvSnapshot(
             worker_pb2.GetKvSnapshotRequest(), timeout=10
         )
@@ -78,7 +96,7 @@ async def cached_hashes(mesh: Mesh) -> set[int]:
 
 
 async def release(mesh: Mesh, handle: common_pb2.KvHandle, token: bytes) -> bool:
-    async with grpc_channel(only(mesh, "prefill")) as channel:
+    async with to(mesh, "prefill") as channel:
         response = await worker_pb2_grpc.KvTransferStub(channel).ReleaseLease(
             worker_pb2.ReleaseLeaseRequest(request_id=handle.request_id, release_token=token),
             timeout=10,
@@ -126,7 +144,7 @@ async def test_a_forged_handle_is_refused_and_the_mesh_serves_on(mesh: Mesh) -> 
 
 
 async def test_watch_load_faster_than_its_minimum_is_refused(mesh: Mesh) -> None:
-    async with grpc_channel(only(mesh, "decode")) as channel:
+    async with to(mesh, "decode") as channel:
         stream = worker_pb2_grpc.WorkerStub(channel).WatchLoad(
             worker_pb2.WatchLoadRequest(interval_ms=5), timeout=10
         )

@@ -9,7 +9,6 @@ refusal, and the mesh serves on.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -30,7 +29,7 @@ from kvmesh.rpc import open_channel
 from kvmesh.sampling import SamplingParams
 from kvmesh.security.roles import Role
 from kvmesh.security.tls import TlsIdentity
-from kvmesh.up import Child, Mesh, UpConfig
+from kvmesh.up import Child, Mesh
 from tests.e2e.mesh import metric
 from tests.helpers import generate
 
@@ -39,25 +38,8 @@ MAX_TOKENS = 12
 
 
 @pytest.fixture(scope="module")
-async def mesh(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Mesh]:
-    root = tmp_path_factory.mktemp("mtls")
-    config = UpConfig(
-        registry_port=0,
-        router_port=0,
-        edge_port=0,
-        device="cpu",
-        disagg_min_tokens=0,  # every request prefilled on the prefill worker
-        log_dir=root / "logs",
-        tls_dir=root / "tls",  # certificates and secrets made by `up`
-        secure=True,
-        extra_worker_args=["--num-blocks", "256"],
-    )
-    running = Mesh(config)
-    try:
-        await running.start()
-        yield running
-    finally:
-        await running.stop()
+def mesh(secure_mesh: Mesh) -> Mesh:
+    return secure_mesh
 
 
 def tls_dir(mesh: Mesh) -> Path:
