@@ -8,7 +8,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -16,6 +16,9 @@ from kvmesh.engine.config import ATTENTION_BACKENDS, DTYPES, EngineConfig
 from kvmesh.errors import KvmeshError
 from kvmesh.security.roles import Role
 from kvmesh.telemetry import configure_logging
+
+if TYPE_CHECKING:
+    from kvmesh.security.tls import TlsIdentity
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -414,7 +417,14 @@ def up(
     "--tls-dir",
     envvar="KVMESH_TLS_DIR",
     default=None,
-    help="gRPC health checks with TLS use the registry certificate of this directory",
+    help="serve HTTPS with the registry certificate of this directory; gRPC health checks "
+    "use it too (mutual TLS)",
+)
+@click.option(
+    "--verify-incoming",
+    is_flag=True,
+    help="HTTPS clients must present a certificate from the directory's CA (Consul's "
+    "verify_incoming)",
 )
 @click.option(
     "--acl-bootstrap-token-file",
@@ -428,6 +438,7 @@ def registry(
     port: int,
     datacenters: tuple[str, ...],
     tls_dir: str | None,
+    verify_incoming: bool,
     acl_bootstrap_token_file: Path | None,
     acl_read_requires_token: bool,
 ) -> None:
@@ -435,7 +446,9 @@ def registry(
     from kvmesh.discovery.registry import run_registry
     from kvmesh.discovery.registry.acl import AclConfig
 
-    _use_identity(tls_dir, Role.REGISTRY)
+    identity = _use_identity(tls_dir, Role.REGISTRY)
+    if verify_incoming and identity is None:
+        raise click.BadParameter("needs --tls-dir", param_hint="--verify-incoming")
     acl = None
     if acl_bootstrap_token_file is not None:
         try:
@@ -446,14 +459,14 @@ def registry(
             raise click.ClickException(str(e)) from e
     elif acl_read_requires_token:
         raise click.BadParameter("needs --acl-bootstrap-token-file")
-    asyncio.run(run_registry(list(datacenters), host, port, acl))
+    asyncio.run(run_registry(list(datacenters), host, port, acl, identity, verify_incoming))
 
 
-def _use_identity(tls_dir: str | None, role: Role) -> None:
+def _use_identity(tls_dir: str | None, role: Role) -> TlsIdentity | None:
     from kvmesh.security import tls
 
     try:
-        tls.configure(tls_dir, role)
+        return tls.configure(tls_dir, role)
     except KvmeshError as e:
         raise click.ClickException(str(e)) from e
 

@@ -92,7 +92,8 @@ class Mesh:
         self.children: list[Child] = []
         self.router_address = ""  # the first cluster's router
         self.routers: dict[str, str] = {}  # cluster -> router address
-        self.registries: dict[str, str] = {}  # cluster -> its registry agent's host:port
+        # cluster -> its registry agent: host:port, or https://host:port with a TLS directory
+        self.registries: dict[str, str] = {}
         self.edge_url = ""
         self.registry_address = ""  # the first cluster's agent
         self.autoscaler_address = ""
@@ -128,7 +129,7 @@ class Mesh:
             "kvmesh registry:",
             lines=len(clusters),
         )  # fmt: skip
-        for line in registry.ready_lines:  # "kvmesh registry: NAME http://HOST:PORT"
+        for line in registry.ready_lines:  # "kvmesh registry: NAME http(s)://HOST:PORT"
             _, _, name, url = line.split()
             self.registries[name] = url.removeprefix("http://")
         self.registry_address = self.registries[clusters[0]]
@@ -336,7 +337,9 @@ class Mesh:
     def _registry_acl_args(self) -> list[str]:
         if self.bundle is None:
             return []
-        return ["--acl-bootstrap-token-file", str(self.bundle.acl_token_file)]
+        return [
+            "--acl-bootstrap-token-file", str(self.bundle.acl_token_file), "--verify-incoming",
+        ]  # fmt: skip
 
     def _edge_security_args(self) -> list[str]:
         if self.bundle is None:
@@ -398,6 +401,9 @@ print(c.chat.completions.create(model="{model}",
   grpcurl -cacert {ca} -cert {d}/admin.pem -key {d}/admin-key.pem -authority kvmesh \\
     {mesh.router_address} kvmesh.v1.Generation/ListModels
 
+  curl -s --cacert {ca} --cert {d}/admin.pem --key {d}/admin-key.pem \\
+    -H "X-Consul-Token: $(cat {d}/acl-token)" {mesh.registry_address}/v1/catalog/services
+
 Ctrl-C stops everything.
 """
 
@@ -431,7 +437,8 @@ def banner(mesh: Mesh) -> str:
     for cluster, router in mesh.routers.items():
         lines.append(f"  gRPC Generation API     {router}   ({cluster})")
     for cluster, registry in mesh.registries.items():
-        lines.append(f"  registry (Consul API)   http://{registry}   ({cluster})")
+        url = registry if "://" in registry else f"http://{registry}"
+        lines.append(f"  registry (Consul API)   {url}   ({cluster})")
     if config.autoscale:
         lines.append(f"  autoscaler (admin)      {mesh.autoscaler_address}")
         lines.append(f"  control plane (admin)   {mesh.controlplane_address}")

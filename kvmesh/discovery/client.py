@@ -29,7 +29,7 @@ import consul.aio
 import structlog
 
 from kvmesh.security import tls
-from kvmesh.security.certs import TARGET_NAME
+from kvmesh.security.certs import CA_FILE, TARGET_NAME, cert_file, key_file
 from kvmesh.telemetry import metrics
 
 log = structlog.get_logger(__name__)
@@ -107,6 +107,67 @@ def token_from_environment() -> str | None:
     return None
 
 
+def _true(name: str) -> bool | None:
+    value = os.environ.get(name)
+    return None if not value else value.strip().lower() in ("1", "true", "yes")
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryEndpoint:
+    """Where a registry client connects, and how, as Consul's tools decide it.
+
+    - The address: the argument, else `CONSUL_HTTP_ADDR`, else 127.0.0.1:8500. It may start
+      with `http://` or `https://`; without a scheme, `CONSUL_HTTP_SSL=true` means HTTPS.
+    - The CA that verifies an HTTPS registry: `CONSUL_CACERT`, else the CA of the process's
+      TLS identity (`--tls-dir`), else the system's; `CONSUL_HTTP_SSL_VERIFY=false` turns
+      verification off.
+    - The client certificate (for a registry that verifies incoming connections):
+      `CONSUL_CLIENT_CERT` and `CONSUL_CLIENT_KEY`, else the process's TLS identity.
+    """
+
+    host: str
+    port: int
+    scheme: str = "http"
+    verify: bool | str = True
+    cert: tuple[str, str] | None = None
+
+    @property
+    def host_port(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{self.host_port}"
+
+    @classmethod
+    def parse(cls, address: str | None) -> RegistryEndpoint:
+        address = address or os.environ.get("CONSUL_HTTP_ADDR") or DEFAULT_ADDRESS
+        scheme, sep, rest = address.partition("://")
+        if not sep:
+            scheme, rest = ("https" if _true("CONSUL_HTTP_SSL") else "http"), address
+        if scheme not in ("http", "https"):
+            raise ValueError(f"registry address {address!r}: the scheme must be http or https")
+        host, _, port = rest.rstrip("/").rpartition(":")
+        if not port.isdigit():
+            raise ValueError(f"registry address {address!r} is not [scheme://]host:port")
+        host = host.strip("[]") or "127.0.0.1"
+        identity = tls.current()
+        verify: bool | str = os.environ.get("CONSUL_CACERT") or (
+            str(identity.directory / CA_FILE) if identity is not None else True
+        )
+        if _true("CONSUL_HTTP_SSL_VERIFY") is False:
+            verify = False
+        cert: tuple[str, str] | None = None
+        if os.environ.get("CONSUL_CLIENT_CERT") and os.environ.get("CONSUL_CLIENT_KEY"):
+            cert = (os.environ["CONSUL_CLIENT_CERT"], os.environ["CONSUL_CLIENT_KEY"])
+        elif identity is not None:
+            cert = (
+                str(identity.directory / cert_file(identity.role)),
+                str(identity.directory / key_file(identity.role)),
+            )
+        return cls(host, int(port), scheme, verify, cert if scheme == "https" else None)
+
+
 @dataclass(slots=True)
 class KvEntry:
     key: str
@@ -121,12 +182,17 @@ class Discovery:
     def __init__(self, address: str | None = None, *, token: str | None = None) -> None:
         """`token`: the ACL token every call carries; None: Consul's environment variables,
         `CONSUL_HTTP_TOKEN`, else the file `CONSUL_HTTP_TOKEN_FILE` names."""
-        address = address or os.environ.get("CONSUL_HTTP_ADDR", DEFAULT_ADDRESS)
-        address = address.removeprefix("http://")
-        host, _, port = address.rpartition(":")
-        self.address = address
+        endpoint = RegistryEndpoint.parse(address)
+        self.address = endpoint.url if endpoint.scheme == "https" else endpoint.host_port
         token = token if token is not None else token_from_environment()
-        self._consul = consul.aio.Consul(host=host or "127.0.0.1", port=int(port), token=token)
+        self._consul = consul.aio.Consul(
+            host=endpoint.host,
+            port=endpoint.port,
+            token=token,
+            scheme=endpoint.scheme,
+            verify=endpoint.verify,
+            cert=endpoint.cert,
+        )
 
     async def close(self) -> None:
         await self._consul.close()

@@ -9,6 +9,7 @@ refusal, and the mesh serves on.
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 
 import grpc
@@ -121,11 +122,19 @@ async def test_an_edge_call_without_a_key_gets_401(mesh: Mesh) -> None:
 
 
 async def test_a_registry_write_without_the_token_gets_403(mesh: Mesh) -> None:
-    async with httpx.AsyncClient(base_url=f"http://{mesh.registry_address}") as http:
+    directory = tls_dir(mesh)
+    assert mesh.registry_address.startswith("https://")  # the registry serves HTTPS
+    admin = ssl.create_default_context(cafile=str(directory / "ca.pem"))
+    admin.load_cert_chain(directory / "admin.pem", directory / "admin-key.pem")
+    async with httpx.AsyncClient(base_url=mesh.registry_address, verify=admin) as http:
         response = await http.put("/v1/kv/kvmesh/controlplane/cordon/dc1", content=b"1")
         services = await http.get("/v1/catalog/services")  # reads stay open
     assert (response.status_code, response.text) == (403, "Permission denied")
     assert "kvmesh-decode" in services.json()
+    # Without a client certificate of the mesh's CA the handshake fails (verify_incoming).
+    async with httpx.AsyncClient(base_url=mesh.registry_address, verify=mesh.edge_ssl()) as http:
+        with pytest.raises(httpx.TransportError):
+            await http.get("/v1/catalog/services")
 
 
 async def test_a_plaintext_call_to_a_worker_fails_its_handshake(mesh: Mesh) -> None:

@@ -3,6 +3,8 @@
     async with EmbeddedRegistry(["dc1", "dc2"], port=0) as registry:
         consul.aio.Consul(host=..., port=...) # at registry.address("dc2")
 
+With a TLS identity every agent serves HTTPS (`registry.url(dc)` says `https://`).
+
 `run_registry` serves until cancelled or sent SIGINT/SIGTERM (the `kvmesh registry` command).
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import ssl
 from collections.abc import Sequence
 from types import TracebackType
 
@@ -22,6 +25,8 @@ from kvmesh.discovery.registry.checks import CheckRunner
 from kvmesh.discovery.registry.errors import ListenError
 from kvmesh.discovery.registry.http import build_app
 from kvmesh.discovery.registry.state import RegistryState, validate_datacenter_names
+from kvmesh.security import certs
+from kvmesh.security.tls import TlsIdentity
 
 log = structlog.get_logger(__name__)
 
@@ -45,9 +50,16 @@ class EmbeddedRegistry:
         host: str = "127.0.0.1",
         port: int = DEFAULT_PORT,
         acl: AclConfig | None = None,
+        tls: TlsIdentity | None = None,
+        verify_incoming: bool = False,
     ) -> None:
+        """`tls`: serve HTTPS with this identity's certificate; `verify_incoming`: and require
+        a client certificate from its CA (Consul's `verify_incoming`)."""
         self._names = list(datacenters)
         self._acl = acl
+        if verify_incoming and tls is None:
+            raise ValueError("verify_incoming needs a TLS identity")
+        self._ssl = _server_ssl(tls, verify_incoming) if tls is not None else None
         validate_datacenter_names(self._names)
         if not 0 <= port <= 65535:
             raise ValueError(f"invalid port {port}")
@@ -61,6 +73,14 @@ class EmbeddedRegistry:
     @property
     def datacenters(self) -> list[str]:
         return list(self._names)
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self._ssl is not None else "http"
+
+    def url(self, datacenter: str | None = None) -> str:
+        """ "scheme://host:port" of a datacenter's agent (the first datacenter's by default)."""
+        return f"{self.scheme}://{self.address(datacenter)}"
 
     def address(self, datacenter: str | None = None) -> str:
         """ "host:port" of a datacenter's agent (the first datacenter's by default)."""
@@ -90,7 +110,7 @@ class EmbeddedRegistry:
                 await runner.setup()
                 self._runners.append(runner)
                 try:
-                    await web.TCPSite(runner, self._host, port).start()
+                    await web.TCPSite(runner, self._host, port, ssl_context=self._ssl).start()
                 except OSError as e:
                     raise ListenError(
                         f"datacenter {dc.name}: cannot listen on {self._host}:{port}: {e.strerror}"
@@ -138,11 +158,15 @@ async def run_registry(
     host: str = "127.0.0.1",
     port: int = DEFAULT_PORT,
     acl: AclConfig | None = None,
+    tls: TlsIdentity | None = None,
+    verify_incoming: bool = False,
 ) -> None:
-    """Serve until cancelled, SIGINT or SIGTERM; print each agent's address on start."""
-    async with EmbeddedRegistry(datacenters, host=host, port=port, acl=acl) as registry:
+    """Serve until cancelled, SIGINT or SIGTERM; print each agent's URL on start."""
+    async with EmbeddedRegistry(
+        datacenters, host=host, port=port, acl=acl, tls=tls, verify_incoming=verify_incoming
+    ) as registry:
         for name in registry.datacenters:
-            print(f"kvmesh registry: {name} http://{registry.address(name)}", flush=True)
+            print(f"kvmesh registry: {name} {registry.url(name)}", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         handled = []
@@ -156,6 +180,18 @@ async def run_registry(
         finally:
             for sig in handled:
                 loop.remove_signal_handler(sig)
+
+
+def _server_ssl(identity: TlsIdentity, verify_incoming: bool) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    directory = identity.directory
+    context.load_cert_chain(
+        directory / certs.cert_file(identity.role), directory / certs.key_file(identity.role)
+    )
+    if verify_incoming:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(cadata=identity.ca_pem.decode())
+    return context
 
 
 def _reachable(host: str) -> str:
