@@ -7,6 +7,7 @@
     GET  /health                200 only when some cluster that takes requests can serve one,
                                 else 503 and why
     GET  /metrics               Prometheus text of this process's registry
+    GET  /openapi.json          the OpenAPI 3.1 document of all of these (`openapi.py`)
 
 Every error, including unknown routes and methods, is answered in OpenAI's error shape.
 """
@@ -33,6 +34,7 @@ from services.edge.clusters import ClusterSet
 from services.edge.errors import ApiError, ClientDisconnectedError
 from services.edge.generation import GenerationEndpoints, internal_error, log_api_error
 from services.edge.middleware import CLIENT_CLOSED_STATUS, RequestContextMiddleware
+from services.edge.openapi import openapi_document
 
 log = structlog.get_logger(__name__)
 
@@ -58,12 +60,22 @@ def create_app(config: EdgeConfig, clusters: ClusterSet) -> Starlette:
         Route("/v1/models/{model:path}", api(info.get_model), methods=["GET"]),
         Route("/health", _answering(info.health), methods=["GET"]),
         Route("/metrics", _answering(info.metrics), methods=["GET"]),
+        Route("/openapi.json", _answering(_document(keys is not None)), methods=["GET"]),
     ]
     return Starlette(
         routes=routes,
         middleware=[Middleware(RequestContextMiddleware, routes=routes)],
         exception_handlers={HTTPException: _http_exception},
     )
+
+
+def _document(keyed: bool) -> Endpoint:
+    document = openapi_document(keyed=keyed)
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(document)
+
+    return openapi
 
 
 def _keyed(endpoint: Endpoint, keys: ApiKeys) -> Endpoint:

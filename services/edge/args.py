@@ -48,6 +48,7 @@ class EdgeConfig:
     tls_key: Path | None = None
     max_connections: int | None = 1024  # concurrent connections; past it, 503 (None: no limit)
     body_timeout_s: float = 30.0  # a request body must arrive within this long (else 408)
+    header_timeout_s: float = 10.0  # and a request's headers within this long (else 408)
 
     def __post_init__(self) -> None:
         if not self.clusters:
@@ -78,7 +79,7 @@ class EdgeConfig:
             raise ValueError("shutdown_grace_s must not be negative")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("HTTPS needs both a certificate and its key (--tls-cert, --tls-key)")
-        for name in ("rate_limit_rps", "rate_limit_tpm", "body_timeout_s"):
+        for name in ("rate_limit_rps", "rate_limit_tpm", "body_timeout_s", "header_timeout_s"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive")
@@ -212,6 +213,12 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         default=defaults.body_timeout_s,
         help="seconds a request body may take to arrive (else 408)",
     )
+    parser.add_argument(
+        "--header-timeout",
+        type=float,
+        default=defaults.header_timeout_s,
+        help="seconds a request's headers may take to arrive (else 408 and the connection closes)",
+    )
     options.add_logging_options(parser)
     options.add_tls_options(parser)
     parser.add_argument(
@@ -251,6 +258,7 @@ def parse_args(
             tls_key=args.tls_key,
             max_connections=args.max_connections,
             body_timeout_s=args.body_timeout,
+            header_timeout_s=args.header_timeout,
         )
     except ValueError as e:
         parser.error(str(e))  # exits with status 2 and the usage line

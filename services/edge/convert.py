@@ -84,6 +84,9 @@ def completion_request(
     return out
 
 
+FLOAT32_SMALLEST = 1.401298464324817e-45  # the smallest positive 32-bit float
+
+
 def _sampling(
     request: ChatCompletionRequest | CompletionRequest,
     *,
@@ -103,7 +106,9 @@ def _sampling(
     if request.temperature is not None:
         params.temperature = request.temperature
     if request.top_p is not None:
-        params.top_p = request.top_p
+        # The proto's float is 32-bit: a top_p too small for it would become 0, which is not
+        # in (0, 1]; its smallest positive value keeps the meaning (only the top token).
+        params.top_p = max(request.top_p, FLOAT32_SMALLEST)
     if request.top_k is not None:
         params.top_k = request.top_k
     if request.seed is not None:

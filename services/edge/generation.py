@@ -40,6 +40,12 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 
+def _log_user(body: ChatCompletionRequest | CompletionRequest) -> None:
+    """OpenAI's `user` (the caller's end-user id) goes on every log line of the request."""
+    if body.user is not None:
+        structlog.contextvars.bind_contextvars(user=body.user)
+
+
 class GenerationEndpoints:
     def __init__(self, config: EdgeConfig, clusters: ClusterSet) -> None:
         self._config = config
@@ -48,6 +54,7 @@ class GenerationEndpoints:
     async def chat_completions(self, request: Request) -> Response:
         raw = await read_json(request, self._config.max_body_bytes, self._config.body_timeout_s)
         body = parse_body(raw, ChatCompletionRequest)
+        _log_user(body)
         request_id: str = request.state.request_id
         renderer = convert.ChatRenderer(
             request_id=request_id,
@@ -63,6 +70,7 @@ class GenerationEndpoints:
     async def completions(self, request: Request) -> Response:
         raw = await read_json(request, self._config.max_body_bytes, self._config.body_timeout_s)
         body = parse_body(raw, CompletionRequest)
+        _log_user(body)
         request_id: str = request.state.request_id
         renderer = convert.CompletionRenderer(
             request_id=request_id,

@@ -1,29 +1,40 @@
-"""OpenAI request bodies, checked for shape and type only.
+"""OpenAI request bodies, checked against OpenAI's documented types, ranges and enums.
 
-Strict: a string is not a number, 1 is not `true`. Values are not judged here (a negative
-temperature, an unknown model, a token id outside the vocabulary): the router does that, so gRPC
-and HTTP clients meet the same rules and messages. What the edge does reject is what cannot
-cross the gRPC boundary at all (an integer that does not fit its proto field, several prompts)
-and OpenAI features kvmesh does not have, because ignoring them would answer a different
-question than the one asked. Unknown fields are ignored, as OpenAI's servers do.
+Strict: a string is not a number, 1 is not `true`. The edge rejects, naming the field:
+- values outside OpenAI's documented ranges and enums (temperature in [0, 2], a message role);
+- what cannot cross the gRPC boundary at all (an integer that does not fit its proto field,
+  several prompts);
+- OpenAI and vLLM features kvmesh does not have (`Unsupported`: they may only hold their no-op
+  value), because ignoring them would answer a different question than the one asked;
+- field names it does not know, as OpenAI does ("Unrecognized request argument supplied").
+What needs the model (an unknown model, a prompt too long, a token id outside the vocabulary) is
+the router's to judge, so gRPC and HTTP clients meet the same rules and messages.
 
-`parse_body` turns a JSON object into one of the request models, or raises
-`InvalidRequestError` naming the field.
+These models are also the request schemas of the edge's OpenAPI document (`openapi.py`).
+`parse_body` turns a JSON object into one of them, or raises `InvalidRequestError` naming the
+field.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
     StringConstraints,
     ValidationError,
+    WithJsonSchema,
     field_validator,
 )
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import PydanticCustomError, core_schema
 
 from services.edge.errors import InvalidRequestError
 
@@ -32,15 +43,67 @@ INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 INT64_MIN, UINT64_MAX = -(2**63), 2**64 - 1
 MAX_STOP_SEQUENCES = 4
 
-Uint32 = Annotated[int, Field(ge=0, le=UINT32_MAX)]
-PositiveUint32 = Annotated[int, Field(ge=1, le=UINT32_MAX)]
-Int32 = Annotated[int, Field(ge=INT32_MIN, le=INT32_MAX)]
-Seed = Annotated[int, Field(ge=INT64_MIN, le=UINT64_MAX)]  # OpenAI's int64 or the proto's uint64
+
+def _integral(value: Any) -> Any:
+    """JSON has one number type and JSON Schema's `integer` includes 2.0: take it as 2."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# Integers take 2 and 2.0, not 2.5, "2" or true. (The bounds go before the validator: after
+# it, pydantic would still check them but leave them out of the JSON schema.)
+_INTEGRAL = BeforeValidator(_integral)
+Integer = Annotated[int, _INTEGRAL]
+Uint32 = Annotated[int, Field(ge=0, le=UINT32_MAX), _INTEGRAL]
+PositiveUint32 = Annotated[int, Field(ge=1, le=UINT32_MAX), _INTEGRAL]
+Int32 = Annotated[int, Field(ge=INT32_MIN, le=INT32_MAX), _INTEGRAL]
+Seed = Annotated[int, Field(ge=INT64_MIN, le=UINT64_MAX), _INTEGRAL]  # int64 or proto's uint64
+TopLogprobs = Annotated[int, Field(ge=0, le=20), _INTEGRAL]  # OpenAI's range, chat
+CompletionLogprobs = Annotated[int, Field(ge=0, le=5), _INTEGRAL]  # OpenAI's range, completions
+StopString = Annotated[str, StringConstraints(min_length=1)]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
 
+@dataclass(frozen=True, slots=True, eq=False)  # by identity: (None, 0) == (None, False)
+class Unsupported:
+    """Marks a known OpenAI / vLLM field kvmesh cannot honour: it may only hold one of its
+    no-op values (`None`, or what means "off"); anything else is a 400 naming it.
+
+        min_p: Annotated[Any, Unsupported(None, 0)] = None
+    """
+
+    no_ops: tuple[Any, ...]
+
+    def __init__(self, *no_ops: Any) -> None:
+        object.__setattr__(self, "no_ops", no_ops)
+
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        return core_schema.no_info_after_validator_function(self._check, handler(source))
+
+    def __get_pydantic_json_schema__(
+        self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        return {
+            "enum": list(self.no_ops),
+            "description": "Not supported by kvmesh: accepted only with a value that turns it off.",
+        }
+
+    def _check(self, value: Any) -> Any:
+        if not any(_same(value, no_op) for no_op in self.no_ops):
+            raise PydanticCustomError("unsupported", "is not supported by kvmesh")
+        return None
+
+
+def _same(value: Any, no_op: Any) -> bool:
+    # In Python `False == 0`: without the bool check `"presence_penalty": false` would pass.
+    return bool(value == no_op) and isinstance(value, bool) == isinstance(no_op, bool)
+
+
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
 class StreamOptions(_Model):
@@ -57,14 +120,61 @@ class _GenerationRequest(_Model):
     temperature: Annotated[FiniteFloat, Field(ge=0.0, le=2.0)] | None = None  # OpenAI's range
     top_p: Annotated[FiniteFloat, Field(gt=0.0, le=1.0)] | None = None
     seed: Seed | None = None
-    stop: list[str] | None = None  # a single string is normalized to a list of one
-    n: int | None = None
+    stop: Annotated[  # a single string is normalized to a list of one
+        list[StopString] | None,
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    {"type": "string", "minLength": 1},
+                    {
+                        "type": "array",
+                        "items": {"type": "string", "minLength": 1},
+                        "maxItems": MAX_STOP_SEQUENCES,
+                    },
+                    {"type": "null"},
+                ]
+            }
+        ),
+    ] = None
+    n: Annotated[Integer | None, WithJsonSchema({"enum": [1, None]})] = None
     # vLLM-style extensions that map onto SamplingParams
     top_k: Int32 | None = None
     ignore_eos: bool | None = None
     stop_token_ids: list[Uint32] | None = None
     # vLLM's: the request hits only prefix-cache blocks of requests with the same salt
     cache_salt: Annotated[str, StringConstraints(min_length=1, max_length=256)] | None = None
+    # OpenAI's end-user identifier: written in the request's log line
+    user: Annotated[str, StringConstraints(max_length=256)] | None = None
+    # Known OpenAI / vLLM fields kvmesh cannot honour: only their no-op values
+    min_p: Annotated[Any, Unsupported(None, 0)] = None
+    guided_json: Annotated[Any, Unsupported(None)] = None
+    guided_regex: Annotated[Any, Unsupported(None)] = None
+    guided_choice: Annotated[Any, Unsupported(None)] = None
+    guided_grammar: Annotated[Any, Unsupported(None)] = None
+    guided_decoding_backend: Annotated[Any, Unsupported(None)] = None
+    structured_outputs: Annotated[Any, Unsupported(None)] = None
+    chat_template: Annotated[Any, Unsupported(None)] = None
+    chat_template_kwargs: Annotated[Any, Unsupported(None, {})] = None
+    add_generation_prompt: Annotated[Any, Unsupported(None, True)] = None
+    continue_final_message: Annotated[Any, Unsupported(None, False)] = None
+    skip_special_tokens: Annotated[Any, Unsupported(None, True)] = None
+    spaces_between_special_tokens: Annotated[Any, Unsupported(None, True)] = None
+    truncate_prompt_tokens: Annotated[Any, Unsupported(None)] = None
+    prompt_logprobs: Annotated[Any, Unsupported(None)] = None
+    reasoning_effort: Annotated[Any, Unsupported(None)] = None
+    verbosity: Annotated[Any, Unsupported(None)] = None
+    web_search_options: Annotated[Any, Unsupported(None)] = None
+    modalities: Annotated[Any, Unsupported(None, ["text"])] = None
+    min_tokens: Annotated[Any, Unsupported(None, 0)] = None
+    presence_penalty: Annotated[Any, Unsupported(None, 0)] = None
+    frequency_penalty: Annotated[Any, Unsupported(None, 0)] = None
+    repetition_penalty: Annotated[Any, Unsupported(None, 1)] = None
+    logit_bias: Annotated[Any, Unsupported(None, {})] = None
+    best_of: Annotated[Any, Unsupported(None, 1)] = None
+    use_beam_search: Annotated[Any, Unsupported(None, False)] = None
+    store: Annotated[Any, Unsupported(None, False)] = None
+    metadata: Annotated[Any, Unsupported(None, {})] = None
+    service_tier: Annotated[Any, Unsupported(None, "auto", "default")] = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -87,9 +197,27 @@ class _GenerationRequest(_Model):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+_TEXT_PART = {
+    "type": "object",
+    "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+    "required": ["type", "text"],
+    "additionalProperties": False,
+}
+
+
 class ChatMessage(_Model):
     role: Literal["system", "developer", "user", "assistant"]  # tool calls are not supported
-    content: str  # a list of text parts is joined into one string
+    content: Annotated[  # a list of text parts is joined into one string
+        str,
+        WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}]}),
+    ]
+    # What an assistant message from an earlier answer may carry back, and names
+    name: Annotated[Any, Unsupported(None)] = None
+    refusal: Annotated[Any, Unsupported(None)] = None
+    tool_calls: Annotated[Any, Unsupported(None, [])] = None
+    function_call: Annotated[Any, Unsupported(None)] = None
+    audio: Annotated[Any, Unsupported(None)] = None
+    annotations: Annotated[Any, Unsupported(None, [])] = None
 
     @field_validator("content", mode="before")
     @classmethod
@@ -109,15 +237,50 @@ class ChatMessage(_Model):
             text = part.get("text")
             if not isinstance(text, str):
                 raise ValueError(f"part {index} must have a string 'text'")
+            unknown = sorted(set(part) - {"type", "text"})
+            if unknown:
+                raise ValueError(f"part {index}: unrecognized argument {unknown[0]!r}")
             texts.append(text)
         return "".join(texts)
 
 
+def _needs(field: str, *, when: dict[str, Any], holds: Any) -> dict[str, Any]:
+    """JSON Schema for a rule across two fields: `field` must be `holds` when one is `when`."""
+    ((name, schema),) = when.items()
+    return {
+        "if": {"properties": {name: schema}, "required": [name]},
+        "then": {"properties": {field: {"const": holds}}, "required": [field]},
+    }
+
+
+_STREAM_OPTIONS_NEED_STREAM = _needs(
+    "stream", when={"stream_options": {"type": "object"}}, holds=True
+)
+
+
 class ChatCompletionRequest(_GenerationRequest):
-    messages: list[ChatMessage]
+    model_config = ConfigDict(
+        json_schema_extra={
+            "allOf": [
+                _STREAM_OPTIONS_NEED_STREAM,
+                _needs(
+                    "logprobs", when={"top_logprobs": {"type": "integer", "minimum": 1}}, holds=True
+                ),
+            ]
+        }
+    )
+    messages: Annotated[list[ChatMessage], Field(json_schema_extra={"minItems": 1})]
     max_completion_tokens: PositiveUint32 | None = None  # preferred over max_tokens
     logprobs: bool | None = None
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None  # OpenAI's range
+    top_logprobs: TopLogprobs | None = None
+    tools: Annotated[Any, Unsupported(None, [])] = None
+    functions: Annotated[Any, Unsupported(None, [])] = None
+    tool_choice: Annotated[Any, Unsupported(None, "none")] = None
+    function_call: Annotated[Any, Unsupported(None, "none")] = None
+    parallel_tool_calls: Annotated[Any, Unsupported(None)] = None
+    response_format: Annotated[Any, Unsupported(None, {"type": "text"})] = None
+    audio: Annotated[Any, Unsupported(None)] = None
+    prediction: Annotated[Any, Unsupported(None)] = None
 
     @field_validator("messages")
     @classmethod
@@ -131,10 +294,37 @@ class ChatCompletionRequest(_GenerationRequest):
         return self.max_completion_tokens or self.max_tokens
 
 
+_TOKEN_IDS = {
+    "type": "array",
+    "items": {"type": "integer", "minimum": 0, "maximum": UINT32_MAX},
+    "minItems": 1,
+}
+
+
 class CompletionRequest(_GenerationRequest):
-    prompt: str | list[int]  # text, or token ids (checked by `_one_prompt`)
+    model_config = ConfigDict(json_schema_extra={"allOf": [_STREAM_OPTIONS_NEED_STREAM]})
+    prompt: Annotated[  # text, or token ids (checked by `_one_prompt`), or a batch of one
+        str | list[int],
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    {"type": "string", "minLength": 1},
+                    _TOKEN_IDS,
+                    {
+                        "type": "array",
+                        "items": {"type": "string", "minLength": 1},
+                        "minItems": 1,
+                        "maxItems": 1,
+                    },
+                    {"type": "array", "items": _TOKEN_IDS, "minItems": 1, "maxItems": 1},
+                ]
+            }
+        ),
+    ]
     # how many top alternatives per token (0: the chosen only); OpenAI's range
-    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
+    logprobs: CompletionLogprobs | None = None
+    echo: Annotated[Any, Unsupported(None, False)] = None
+    suffix: Annotated[Any, Unsupported(None, "")] = None
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -144,65 +334,22 @@ class CompletionRequest(_GenerationRequest):
             if len(value) > 1:
                 raise ValueError("only one prompt per request is supported")
             value = value[0]
-        if isinstance(value, str):
-            return value
-        if not isinstance(value, list):
+        if not isinstance(value, str | list):
             raise ValueError("must be a string or a list of token ids")
         if not value:
             raise ValueError("must not be empty")
-        for index, token in enumerate(value):
+        if isinstance(value, str):
+            return value
+        tokens = [_integral(token) for token in value]
+        for index, token in enumerate(tokens):
             if type(token) is not int or not 0 <= token <= UINT32_MAX:  # bool is an int too
                 raise ValueError(f"token {index} must be an integer in [0, 2**32)")
-        return value
+        return tokens
 
     @property
     def max_new_tokens(self) -> int | None:
         return self.max_tokens
 
-
-# Known OpenAI / vLLM fields kvmesh cannot honour; each may only hold its no-op value.
-_UNSUPPORTED_COMMON: dict[str, tuple[Any, ...]] = {
-    # vLLM's sampling and structured-output extensions, and other engines' knobs
-    "min_p": (None, 0),
-    "guided_json": (None,),
-    "guided_regex": (None,),
-    "guided_choice": (None,),
-    "guided_grammar": (None,),
-    "guided_decoding_backend": (None,),
-    "structured_outputs": (None,),
-    "chat_template": (None,),
-    "chat_template_kwargs": (None, {}),
-    "add_generation_prompt": (None, True),
-    "continue_final_message": (None, False),
-    "skip_special_tokens": (None, True),
-    "spaces_between_special_tokens": (None, True),
-    "truncate_prompt_tokens": (None,),
-    "prompt_logprobs": (None,),
-    "reasoning_effort": (None,),
-    "verbosity": (None,),
-    "web_search_options": (None,),
-    "modalities": (None, ["text"]),
-    "min_tokens": (None, 0),
-    "presence_penalty": (None, 0),
-    "frequency_penalty": (None, 0),
-    "repetition_penalty": (None, 1),
-    "logit_bias": (None, {}),
-    "best_of": (None, 1),
-    "use_beam_search": (None, False),
-}
-_UNSUPPORTED_CHAT: dict[str, tuple[Any, ...]] = {
-    "tools": (None, []),
-    "functions": (None, []),
-    "tool_choice": (None, "none"),
-    "function_call": (None, "none"),
-    "response_format": (None, {"type": "text"}),
-    "audio": (None,),
-    "prediction": (None,),
-}
-_UNSUPPORTED_COMPLETION: dict[str, tuple[Any, ...]] = {
-    "echo": (None, False),
-    "suffix": (None, ""),
-}
 
 RequestT = TypeVar("RequestT", ChatCompletionRequest, CompletionRequest)
 
@@ -211,11 +358,6 @@ def parse_body(body: Any, model: type[RequestT]) -> RequestT:
     """Validate a decoded JSON body; InvalidRequestError names the first offending field."""
     if not isinstance(body, dict):
         raise InvalidRequestError("the request body must be a JSON object")
-    unsupported = dict(_UNSUPPORTED_COMMON)
-    unsupported |= _UNSUPPORTED_CHAT if model is ChatCompletionRequest else _UNSUPPORTED_COMPLETION
-    for name, no_ops in unsupported.items():
-        if name in body and not any(_same(body[name], v) for v in no_ops):
-            raise InvalidRequestError(f"'{name}' is not supported by kvmesh", param=name)
     try:
         request = model.model_validate(body)
     except ValidationError as e:
@@ -229,16 +371,15 @@ def parse_body(body: Any, model: type[RequestT]) -> RequestT:
     return request
 
 
-def _same(value: Any, no_op: Any) -> bool:
-    # In Python `False == 0`: without the bool check `"presence_penalty": false` would pass.
-    return bool(value == no_op) and isinstance(value, bool) == isinstance(no_op, bool)
-
-
 def _invalid(error: ValidationError) -> InvalidRequestError:
     first = error.errors(include_url=False)[0]
     param = _dotted(first["loc"])
     if first["type"] == "missing":
         return InvalidRequestError(f"Missing required parameter: '{param}'.", param=param)
+    if first["type"] == "extra_forbidden":  # OpenAI's words
+        return InvalidRequestError(f"Unrecognized request argument supplied: {param}", param=param)
+    if first["type"] == "unsupported":
+        return InvalidRequestError(f"'{param}' is not supported by kvmesh", param=param)
     reason = str(first["ctx"]["error"]) if first["type"] == "value_error" else first["msg"]
     return InvalidRequestError(f"Invalid value for '{param}': {reason}", param=param)
 

@@ -35,6 +35,7 @@ from services.edge.args import EdgeConfig
 from services.edge.client import GenerationClient
 from services.edge.clusters import Cluster, ClusterSet
 from services.edge.errors import StartupError
+from services.edge.protocol import with_header_timeout
 
 log = structlog.get_logger(__name__)
 
@@ -154,6 +155,7 @@ async def serve_in_background(
             ssl_certfile=str(config.tls_cert) if config.tls_cert else None,
             ssl_keyfile=str(config.tls_key) if config.tls_key else None,
             limit_concurrency=config.max_connections,  # past it, uvicorn answers 503
+            http=with_header_timeout(config.header_timeout_s),
         ),
         handle_signals=handle_signals,
     )

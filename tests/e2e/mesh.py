@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -9,6 +11,7 @@ from typing import Any
 
 import grpc
 
+from kvmesh.api.v1 import worker_pb2, worker_pb2_grpc
 from kvmesh.rpc import open_channel
 from kvmesh.security.tls import TlsIdentity
 from kvmesh.telemetry.scrape import scrape, total
@@ -102,3 +105,25 @@ async def grpc_channel(
         yield channel
     finally:
         await channel.close(None)
+
+
+async def still_serving_and_whole(mesh: Mesh) -> None:
+    """Every worker answers, and once leases (run the workers with short ones: `--lease-s 2`)
+    have run out, nothing is pinned. The mesh's plaintext channels: not for a secure mesh."""
+    deadline = time.monotonic() + 20
+    for child in mesh.workers("prefill") + mesh.workers("decode"):
+        channel = open_channel(child.address, wait_for_ready=False)
+        try:
+            stub = worker_pb2_grpc.KvTransferStub(channel)
+            while True:
+                stats = await stub.GetTransferStats(worker_pb2.GetTransferStatsRequest(), timeout=5)
+                if stats.active_leases == 0 and stats.pinned_blocks == 0:
+                    break
+                assert time.monotonic() < deadline, f"{child.name} still holds {stats}"
+                await asyncio.sleep(0.2)  # leases expire on their own clock
+            load = await worker_pb2_grpc.WorkerStub(channel).GetInfo(
+                worker_pb2.GetInfoRequest(), timeout=5
+            )
+            assert load.worker_id
+        finally:
+            await channel.close(None)

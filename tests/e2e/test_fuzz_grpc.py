@@ -9,7 +9,6 @@ service still serves, and once the leases run out no KV block or lease is left.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
@@ -28,7 +27,7 @@ from kvmesh.api.v1 import (
 from kvmesh.rpc import open_channel
 from kvmesh.up import Mesh
 from tests.e2e.mesh import SIM_MODEL as MODEL
-from tests.e2e.mesh import sim_mesh
+from tests.e2e.mesh import sim_mesh, still_serving_and_whole
 
 BAD = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 U32 = 2**32 - 1
@@ -193,7 +192,7 @@ async def test_random_generate_requests_get_clean_answers(mesh: Mesh) -> None:
     finally:
         await channel.close(None)
     assert grpc.StatusCode.INVALID_ARGUMENT in seen and grpc.StatusCode.OK in seen
-    await _still_serving_and_whole(mesh)
+    await still_serving_and_whole(mesh)
 
 
 async def test_random_prefill_and_decode_requests_get_clean_answers(mesh: Mesh) -> None:
@@ -221,25 +220,4 @@ async def test_random_prefill_and_decode_requests_get_clean_answers(mesh: Mesh) 
     finally:
         for channel in channels.values():
             await channel.close(None)
-    await _still_serving_and_whole(mesh)
-
-
-async def _still_serving_and_whole(mesh: Mesh) -> None:
-    """Every worker answers, and once leases (2 s here) have run out, nothing is pinned."""
-    deadline = time.monotonic() + 20
-    for child in mesh.workers("prefill") + mesh.workers("decode"):
-        channel = open_channel(child.address, wait_for_ready=False)
-        try:
-            stub = worker_pb2_grpc.KvTransferStub(channel)
-            while True:
-                stats = await stub.GetTransferStats(worker_pb2.GetTransferStatsRequest(), timeout=5)
-                if stats.active_leases == 0 and stats.pinned_blocks == 0:
-                    break
-                assert time.monotonic() < deadline, f"{child.name} still holds {stats}"
-                await asyncio.sleep(0.2)  # leases expire on their own clock
-            load = await worker_pb2_grpc.WorkerStub(channel).GetInfo(
-                worker_pb2.GetInfoRequest(), timeout=5
-            )
-            assert load.worker_id
-        finally:
-            await channel.close(None)
+    await still_serving_and_whole(mesh)

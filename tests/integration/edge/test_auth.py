@@ -163,3 +163,29 @@ async def test_a_body_that_does_not_arrive_in_time_is_a_408(
         writer.close()
     await channel.close()
     assert b" 408 " in status_line
+
+
+async def test_headers_that_do_not_arrive_in_time_are_a_408_and_the_connection_closes(
+    router: tuple[FakeRouter, RpcServer],
+) -> None:
+    channel = open_channel(router[1].address)
+    config = EdgeConfig(port=0, shutdown_grace_s=1, header_timeout_s=0.5)
+    async with await serve_in_background(config, channel) as edge:
+        # A kept-alive connection: the first request is served, the second trickles in.
+        reader, writer = await asyncio.open_connection(edge.host, edge.port)
+        writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        assert b" 200 " in await asyncio.wait_for(reader.readline(), 10)
+        await asyncio.wait_for(reader.readuntil(b'"ok"}'), 10)
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")  # never the end
+        await writer.drain()
+        status_line = await asyncio.wait_for(reader.readline(), 10)
+        rest = await asyncio.wait_for(reader.read(), 10)  # b"" once the edge closes
+        writer.close()
+        # A connection that sends nothing at all is closed the same way.
+        idle_reader, idle_writer = await asyncio.open_connection(edge.host, edge.port)
+        idle_status = await asyncio.wait_for(idle_reader.readline(), 10)
+        idle_writer.close()
+    await channel.close()
+    assert b" 408 " in status_line and b"request_timeout" in rest
+    assert b" 408 " in idle_status

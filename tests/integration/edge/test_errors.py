@@ -63,7 +63,7 @@ INVALID_CHAT = [
     (chat(messages=[{"role": "user", "content": [{"type": "text"}]}]), "messages[0].content", ""),
     (chat(max_tokens=0), "max_tokens", "greater than or equal to 1"),
     (chat(max_tokens="5"), "max_tokens", "valid integer"),
-    (chat(max_tokens=1.0), "max_tokens", "valid integer"),
+    (chat(max_tokens=1.5), "max_tokens", "valid integer"),
     (chat(max_tokens=2**32), "max_tokens", "less than or equal"),
     (chat(max_completion_tokens=-1), "max_completion_tokens", "greater than or equal to 1"),
     (chat(temperature="hot"), "temperature", "valid number"),
@@ -183,6 +183,15 @@ async def test_router_invalid_argument_passes_through(
         ({"structured_outputs": {"json": {}}}, "structured_outputs", "not supported"),
         ({"chat_template_kwargs": {"x": 1}}, "chat_template_kwargs", "not supported"),
         ({"reasoning_effort": "low"}, "reasoning_effort", "not supported"),
+        ({"frobnicate": 1}, "frobnicate", "Unrecognized request argument supplied: frobnicate"),
+        (
+            {"messages": [{"role": "user", "content": "x", "colour": "red"}]},
+            "messages[0].colour",
+            "Unrecognized request argument",
+        ),
+        ({"stream_options": {"include_usage": True, "x": 1}}, "stream_options.x", "Unrecognized"),
+        ({"messages": [{"role": "user", "content": "x", "name": "bob"}]}, "messages[0].name", ""),
+        ({"user": 7}, "user", "valid string"),
     ],
 )
 async def test_out_of_openais_ranges_or_unimplemented_is_a_400_at_the_edge(
@@ -191,6 +200,26 @@ async def test_out_of_openais_ranges_or_unimplemented_is_a_400_at_the_edge(
     response = await http.post(CHAT, json=chat(**fields))
     assert_openai_error(response, 400, param=param, says=says)
     assert fake.requests == []  # refused before the router
+
+
+async def test_no_op_values_of_unsupported_fields_are_accepted(
+    http: httpx.AsyncClient, fake: FakeRouter
+) -> None:
+    """What clients send by default, and assistant messages they echo back, still work."""
+    assistant = {"role": "assistant", "content": "hi", "refusal": None, "tool_calls": None}
+    body = chat(
+        messages=[*USER, assistant, *USER],
+        presence_penalty=0,
+        frequency_penalty=0.0,
+        logit_bias={},
+        tools=[],
+        response_format={"type": "text"},
+        store=False,
+        user="end-user-42",
+    )
+    response = await http.post(CHAT, json=body)
+    assert response.status_code == 200, response.text
+    assert len(fake.requests) == 1
 
 
 @pytest.mark.usefixtures("still_serving")

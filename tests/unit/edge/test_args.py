@@ -28,6 +28,7 @@ def test_flags() -> None:
             "--max-body-bytes=1024",
             "--default-max-tokens=64",
             "--shutdown-grace=2",
+            "--header-timeout=3",
             "--log-level=DEBUG",
             "--log-json",
         ],
@@ -41,13 +42,20 @@ def test_flags() -> None:
         max_body_bytes=1024,
         default_max_tokens=64,
         shutdown_grace_s=2.0,
+        header_timeout_s=3.0,
         log_level="DEBUG",
         log_json=True,
     )
 
 
 @pytest.mark.parametrize(
-    "argv", [["--port=70000"], ["--request-timeout=0"], ["--default-max-tokens=0"]]
+    "argv",
+    [
+        ["--port=70000"],
+        ["--request-timeout=0"],
+        ["--default-max-tokens=0"],
+        ["--header-timeout=0"],
+    ],
 )
 def test_bad_values_exit_with_usage(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as raised:

@@ -132,3 +132,13 @@ def test_completion_text_offsets_follow_the_text() -> None:
     logprobs = renderer.response()["choices"][0]["logprobs"]
     assert logprobs["text_offset"] == [0, 2, 5]
     assert logprobs["tokens"] == ["token_id:0", "token_id:1", "token_id:2"]
+
+
+def test_integral_floats_are_integers_and_a_tiny_top_p_stays_positive_in_32_bits() -> None:
+    request = convert.chat_request(
+        chat(max_tokens=5.0, top_p=1e-300, stop_token_ids=[7.0]),
+        request_id="r",
+        default_max_tokens=None,
+    )
+    assert request.sampling.max_tokens == 5 and list(request.sampling.stop_token_ids) == [7]
+    assert request.sampling.top_p > 0  # 1e-300 would be 0.0 as a 32-bit float
