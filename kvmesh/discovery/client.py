@@ -281,6 +281,7 @@ class Discovery:
         index: int | None = None
         last: list[ServiceInstance] | None = None
         failures = 0
+        metrics.zero(metrics.DISCOVERY_WATCH_ERRORS, service)
         while True:
             try:
                 new_index, instances = await self.healthy(
@@ -337,6 +338,7 @@ class Discovery:
         """Yield the entries under `prefix` now, then each time any of them changes."""
         index: int | None = None
         failures = 0
+        metrics.zero(metrics.DISCOVERY_WATCH_ERRORS, prefix)
         while True:
             try:
                 new_index, items = await self._call(

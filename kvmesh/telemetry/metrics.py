@@ -28,16 +28,20 @@ RPC_SERVER_HANDLING_SECONDS = Histogram(
     buckets=_LATENCY_BUCKETS,
 )
 
-# -- request latency, seen by the router (issue 4 and later) -----------------------------------
+# -- request latency, seen by the router ----------------------------------------------------------
+# `tier` of TTFT: the tier that computed the prompt (prefill on the disaggregated path, decode
+# when the decode worker prefilled it itself). ITL is the decode tier's; E2E the whole request's.
 TTFT_SECONDS = Histogram(
-    "kvmesh_ttft_seconds", "Time to first token.", ["model"], buckets=_LATENCY_BUCKETS
-)
+    "kvmesh_ttft_seconds", "Time from a request's arrival at the router to its first token.",
+    ["model", "tier"], buckets=_LATENCY_BUCKETS,
+)  # fmt: skip
 ITL_SECONDS = Histogram(
-    "kvmesh_itl_seconds", "Inter-token latency.", ["model"], buckets=_LATENCY_BUCKETS
-)
+    "kvmesh_itl_seconds", "Time between a request's tokens at the router (decode tier).",
+    ["model"], buckets=_LATENCY_BUCKETS,
+)  # fmt: skip
 E2E_SECONDS = Histogram(
-    "kvmesh_e2e_seconds", "Request latency, first byte in to last byte out.", ["model"],
-    buckets=_LATENCY_BUCKETS,
+    "kvmesh_e2e_seconds", "Time from a request's arrival at the router to its last token.",
+    ["model"], buckets=_LATENCY_BUCKETS,
 )  # fmt: skip
 
 # -- KV transfer ---------------------------------------------------------------------------------
@@ -54,19 +58,6 @@ KV_HANDLES = Counter(
     "not in discovery: computed locally), refused (forged, altered, expired, another prompt), "
     "read_raced_expiry (the lease could have run out during the READ: computed locally).",
     ["outcome"],
-)
-
-# -- workers -------------------------------------------------------------------------------------
-WORKER_RUNNING_REQUESTS = Gauge(
-    "kvmesh_worker_running_requests", "Requests in the running batch.", ["tier"]
-)
-WORKER_WAITING_REQUESTS = Gauge(
-    "kvmesh_worker_waiting_requests", "Requests waiting to be scheduled.", ["tier"]
-)
-WORKER_KV_BLOCKS_USED = Gauge("kvmesh_worker_kv_blocks_used", "KV blocks in use.", ["tier"])
-WORKER_KV_BLOCKS_TOTAL = Gauge("kvmesh_worker_kv_blocks_total", "KV blocks in the pool.", ["tier"])
-PREFIX_HIT_RATIO = Gauge(
-    "kvmesh_prefix_hit_ratio", "Prompt tokens served from the prefix cache, over prompt tokens."
 )
 
 # -- router --------------------------------------------------------------------------------------
@@ -183,6 +174,14 @@ ROUTER_SHED = Counter(
 )
 
 
+def zero(metric: Counter, *label_values: str | tuple[str, ...]) -> None:
+    """Export `metric` at 0 for each known label value (a tuple for several labels) before
+    anything is counted, so that its series exist (dashboards and rate() see them) from the
+    start. Components call it for the values they count."""
+    for value in label_values:
+        metric.labels(*(value if isinstance(value, tuple) else (value,)))
+
+
 class EngineCollector:
     """Exposes an engine's counters and load (anything with `.stats()` and `.load()`)."""
 
@@ -223,6 +222,19 @@ EDGE_HTTP_REQUESTS_IN_FLIGHT = Gauge(
 EDGE_TTFT_SECONDS = Histogram(
     "kvmesh_edge_ttft_seconds",
     "Time from a generation request's arrival at the edge to the router's first response.",
+    ["model"],
+    buckets=_LATENCY_BUCKETS,
+)
+EDGE_ITL_SECONDS = Histogram(
+    "kvmesh_edge_itl_seconds",
+    "Time between a stream's content events at the edge, per token they carry.",
+    ["model"],
+    buckets=_LATENCY_BUCKETS,
+)
+EDGE_E2E_SECONDS = Histogram(
+    "kvmesh_edge_e2e_seconds",
+    "Time from a generation request's arrival at the edge to its last token (answers that end "
+    "well).",
     ["model"],
     buckets=_LATENCY_BUCKETS,
 )

@@ -72,6 +72,7 @@ class LeaseTable:
         self._granted = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.stats = LeaseStats()
+        metrics.zero(metrics.WORKER_LEASES, "released", "expired", "refused")
 
     @property
     def active(self) -> int:

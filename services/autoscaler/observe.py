@@ -140,17 +140,19 @@ async def _scrape(port: int, host: str) -> dict[str, float]:
 def histogram_buckets(
     samples: dict[str, float], metric: str, model: str
 ) -> list[tuple[float, float]]:
-    """[(upper bound, cumulative count)] of one histogram's series for `model`, by bound."""
+    """[(upper bound, cumulative count)] of one histogram for `model`, by bound: its series
+    for the model summed over any other label (TTFT's `tier`)."""
     prefix = metric + "_bucket{"
-    buckets = []
+    buckets: dict[float, float] = {}
     for key, value in samples.items():
         if not key.startswith(prefix):
             continue
         labels = dict(_LABEL.findall(key[len(prefix) : -1]))
         if labels.get("model", model) != model or "le" not in labels:
             continue
-        buckets.append((float(labels["le"]), value))
-    return sorted(buckets)
+        bound = float(labels["le"])
+        buckets[bound] = buckets.get(bound, 0.0) + value
+    return sorted(buckets.items())
 
 
 def new_samples(

@@ -48,6 +48,8 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
         self._runtime = runtime
         self._peers: PeerDirectory | None = None
         self._background: set[asyncio.Task[None]] = set()
+        metrics.zero(metrics.KV_HANDLES, "verified", "refused", "unverified", "read_raced_expiry")
+        metrics.zero(metrics.KV_TRANSFER_BYTES, "received")
 
     @property
     def peers(self) -> PeerDirectory:

@@ -72,6 +72,10 @@ class ClusterSet:
         self._cordoned: frozenset[str] = frozenset()
         self._cordons_changed = asyncio.Condition()
         self._watcher: asyncio.Task[None] | None = None
+        outcomes = ("served", "spilled", "failed_over", "error", "cancelled")
+        metrics.zero(
+            metrics.EDGE_CLUSTER_REQUESTS, *((c.name, o) for c in self.clusters for o in outcomes)
+        )
 
     @property
     def cordoned(self) -> frozenset[str]:

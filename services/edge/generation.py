@@ -50,6 +50,7 @@ class GenerationEndpoints:
     def __init__(self, config: EdgeConfig, clusters: ClusterSet) -> None:
         self._config = config
         self._clusters = clusters
+        metrics.zero(metrics.EDGE_CANCELLED_GENERATIONS, "/v1/chat/completions", "/v1/completions")
 
     async def chat_completions(self, request: Request) -> Response:
         raw = await read_json(request, self._config.max_body_bytes, self._config.body_timeout_s)
@@ -94,12 +95,12 @@ class GenerationEndpoints:
         call.tenant = getattr(request.state, "tenant", "")  # the API key's: salts the cache
         charge: Callable[[int], None] | None = getattr(request.state, "charge", None)
         generation = self._clusters.generate(call)
-        first_token = _FirstToken(renderer.model, request.state.received_at)
+        latency = _Latency(renderer.model, request.state.received_at, streaming=stream)
         route = request.scope["path"]
         try:
             if not stream:
                 try:
-                    await unless_disconnected(request, _collect(generation, renderer, first_token))
+                    await unless_disconnected(request, _collect(generation, renderer, latency))
                 finally:
                     _charge(charge, renderer)
                 return JSONResponse(renderer.response())
@@ -111,8 +112,8 @@ class GenerationEndpoints:
             if isinstance(e, ClientDisconnectedError | asyncio.CancelledError):
                 metrics.EDGE_CANCELLED_GENERATIONS.labels(route).inc()
             raise
-        first_token.seen()
-        events = _events(first, generation, renderer, route)
+        latency.arrived(first)
+        events = _events(first, generation, renderer, route, latency)
 
         def close() -> None:
             generation.cancel()
@@ -127,26 +128,40 @@ def _charge(charge: Callable[[int], None] | None, renderer: convert.Renderer) ->
         charge(renderer.usage.prompt_tokens + renderer.usage.completion_tokens)
 
 
-class _FirstToken:
-    """Observes the edge's TTFT once, at the router's first message."""
+class _Latency:
+    """One generation's latency as the edge's client sees it: TTFT at the router's first
+    message, the gap between a stream's tokens (a message of n tokens counts n gaps of a nth of
+    its wait; an answer sent whole has none), E2E once it has ended well."""
 
-    def __init__(self, model: str, received_at: float) -> None:
-        self._model, self._received_at, self._seen = model, received_at, False
+    def __init__(self, model: str, received_at: float, *, streaming: bool) -> None:
+        self._model, self._received_at, self._streaming = model, received_at, streaming
+        self._last: float | None = None
 
-    def seen(self) -> None:
-        if not self._seen:
-            self._seen = True
-            elapsed = time.perf_counter() - self._received_at
-            metrics.EDGE_TTFT_SECONDS.labels(self._model).observe(elapsed)
+    def arrived(self, message: generation_pb2.GenerateResponse) -> None:
+        now = time.perf_counter()
+        tokens = len(message.token_ids)
+        if self._last is None:
+            metrics.EDGE_TTFT_SECONDS.labels(self._model).observe(now - self._received_at)
+        elif tokens and self._streaming:
+            gap, itl = (now - self._last) / tokens, metrics.EDGE_ITL_SECONDS.labels(self._model)
+            for _ in range(tokens):
+                itl.observe(gap)
+        if self._last is None or tokens:
+            self._last = now
+
+    def ended(self) -> None:
+        elapsed = time.perf_counter() - self._received_at
+        metrics.EDGE_E2E_SECONDS.labels(self._model).observe(elapsed)
 
 
 async def _collect(
-    generation: ClusterStream, renderer: convert.Renderer, first_token: _FirstToken
+    generation: ClusterStream, renderer: convert.Renderer, latency: _Latency
 ) -> None:
     while (message := await generation.next()) is not None:
-        first_token.seen()
+        latency.arrived(message)
         renderer.add(message)
     renderer.check_finished()
+    latency.ended()
 
 
 async def _events(
@@ -154,6 +169,7 @@ async def _events(
     generation: ClusterStream,
     renderer: convert.Renderer,
     route: str,
+    latency: _Latency,
 ) -> AsyncGenerator[bytes, None]:
     finished = False
     try:
@@ -163,7 +179,10 @@ async def _events(
                 for chunk in renderer.add(message):
                     yield convert.sse(chunk)
                 message = await generation.next()
+                if message is not None:
+                    latency.arrived(message)
             renderer.check_finished()
+            latency.ended()
             if renderer.include_usage:
                 yield convert.sse(renderer.usage_chunk())
         except ApiError as e:

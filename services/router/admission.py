@@ -54,6 +54,7 @@ class Admission:
         self._slots = asyncio.Semaphore(max_in_flight) if max_in_flight else None
         self.in_flight = 0
         self.queued = 0
+        metrics.zero(metrics.ROUTER_SHED, "queue_full", "no_decode_workers", "saturated")
 
     @contextlib.asynccontextmanager
     async def admitted(self, *, spill: bool) -> AsyncIterator[None]:

@@ -47,6 +47,7 @@ class KvEventFollower:
         self.worker_id = worker_id
         self._stub = worker_pb2_grpc.WorkerStub(channel)
         self._index = index
+        metrics.zero(metrics.ROUTER_KV_INDEX_FALLBACKS, "stalled", "absent", "broken")
         self._stall_s = stall_s
         self._exact: bool | None = None  # None until the first resync or fallback
 

@@ -47,7 +47,7 @@ from services.router.admission import Admission
 from services.router.args import RouterConfig
 from services.router.planning import Plan, Planner
 from services.router.pool import WorkerPool
-from services.router.stream import RequestStream
+from services.router.stream import PREFILL, RequestStream
 
 log = structlog.get_logger(__name__)
 
@@ -84,6 +84,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         self._tokenizer = tokenizer
         self._model_id = model_id
         self._background: set[asyncio.Task[None]] = set()
+        paths = ("aggregated", "disaggregated", "resumed")
+        metrics.zero(metrics.ROUTER_REQUESTS, *((p, o) for p in paths for o in ("ok", "error")))
 
     async def ListModels(self, request: Any, context: Any) -> generation_pb2.ListModelsResponse:
         decode = self._pool.workers("decode")
@@ -120,6 +122,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 self._tokenizer,
                 return_token_ids=request.return_token_ids,
                 cache_salt=tenant_salt(request.tenant, request.cache_salt),
+                model=self._model_id,
             )
             async for response in self._generate(stream, resumed):
                 yield response
@@ -144,6 +147,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 prefilled = await self._prefill(stream, plan)
                 if prefilled is not None:
                     path = "disaggregated"
+                    stream.first_tier = PREFILL
                     first = stream.add(
                         [prefilled.first_token_id],
                         [prefilled.first_logprob] if prefilled.HasField("first_logprob") else [],

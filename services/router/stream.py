@@ -8,6 +8,11 @@ does. Without a tokenizer (a model served as token ids only) the text stays empt
 A request resumed from another router (`resume`) starts with the tokens that router streamed:
 they count as generated, and the detokenizer reads them without streaming their text again, so
 the text continues exactly where the other router's left off and a stop string can span both.
+
+Latency is recorded as tokens arrive: TTFT (labelled with the tier that computed the prompt,
+`first_tier`), the gap between tokens (a message of n tokens counts n gaps of a nth of its
+wait), and E2E once it finishes. A resumed request records no TTFT or E2E: they began on the
+router that died.
 """
 
 from __future__ import annotations
@@ -17,7 +22,10 @@ from collections.abc import Sequence
 
 from kvmesh.api.v1 import common_pb2, generation_pb2
 from kvmesh.sampling import SamplingParams
+from kvmesh.telemetry import metrics
 from kvmesh.text import IncrementalDetokenizer, Tokenizer
+
+PREFILL, DECODE = "prefill", "decode"
 
 
 class RequestStream:
@@ -30,8 +38,11 @@ class RequestStream:
         *,
         return_token_ids: bool,
         cache_salt: str = "",
+        model: str = "",
     ) -> None:
         self.request_id = request_id
+        self.model = model  # the latency metrics' label
+        self.first_tier = DECODE  # set to PREFILL when a prefill worker computed the prompt
         self.cache_salt = cache_salt  # tenant and request salt, as workers hash with it
         self.prompt = list(prompt)
         self.sampling = sampling
@@ -47,6 +58,8 @@ class RequestStream:
         self._return_token_ids = return_token_ids
         self._started = time.perf_counter()
         self._first_token_s: float | None = None
+        self._last_token_at: float | None = None
+        self._resumed = False
         self.prefill_s = 0.0
 
     def resume(self, token_ids: Sequence[int]) -> generation_pb2.GenerateResponse | None:
@@ -56,6 +69,7 @@ class RequestStream:
         read, not returned. The last response, if those tokens already end on a stop string.
         """
         self.generated += token_ids
+        self._resumed = True
         if self._detokenizer is None:
             return None
         self._detokenizer.add(token_ids)
@@ -78,8 +92,9 @@ class RequestStream:
         """Take a worker's message; the response to stream, or None when there is nothing new."""
         if self.finished:
             return None
-        if token_ids and self._first_token_s is None:
-            self._first_token_s = time.perf_counter() - self._started
+        now = time.perf_counter()
+        if token_ids:
+            self._record_tokens(now, len(token_ids))
         self.generated += token_ids
         text, stopped_on = "", None
         if self._detokenizer is not None:
@@ -90,6 +105,8 @@ class RequestStream:
             if self._detokenizer is not None and stopped_on is None:
                 text += self._detokenizer.flush()
             self.finish_reason, self.stop_reason = finish_reason, stop_reason
+            if not self._resumed:
+                metrics.E2E_SECONDS.labels(self.model).observe(now - self._started)
         if not (text or token_ids or self.finished):
             return None
         response = generation_pb2.GenerateResponse(
@@ -105,6 +122,20 @@ class RequestStream:
             response.usage.CopyFrom(self.usage())
             response.timings.CopyFrom(self.timings())
         return response
+
+    def _record_tokens(self, now: float, count: int) -> None:
+        if self._first_token_s is None:
+            self._first_token_s = now - self._started
+            if not self._resumed:
+                metrics.TTFT_SECONDS.labels(self.model, self.first_tier).observe(
+                    self._first_token_s
+                )
+        elif self._last_token_at is not None:
+            gap = (now - self._last_token_at) / count
+            itl = metrics.ITL_SECONDS.labels(self.model)
+            for _ in range(count):
+                itl.observe(gap)
+        self._last_token_at = now
 
     def _with_text(self, logprob: common_pb2.TokenLogprob) -> common_pb2.TokenLogprob:
         named = common_pb2.TokenLogprob()
