@@ -114,6 +114,7 @@ class EngineStats:
     num_steps: int = 0
     num_requests_finished: int = 0
     num_requests_aborted: int = 0
+    num_requests_failed: int = 0  # failed a step on their own (the rest of the batch went on)
 
 
 @dataclass(frozen=True, slots=True)

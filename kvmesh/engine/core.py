@@ -22,6 +22,7 @@ from typing import cast
 
 import structlog
 
+from kvmesh.engine import faults
 from kvmesh.engine.config import EngineConfig
 from kvmesh.engine.executor import AsyncModelExecutor, ModelExecutor, Sampled, StepHandle
 from kvmesh.engine.scheduler import ScheduledChunk, Scheduler
@@ -118,6 +119,8 @@ class EngineCore:
         # Async scheduling: steps are launched one ahead of reading them (see `step`).
         self._launcher = self._async_launcher(config)
         self._in_flight: _InFlight | None = None
+        self._check_step = faults.from_environment()  # None unless a test plants a fault
+        self._failures: list[tuple[str, Exception]] = []  # requests a step failed, not yet told
         log.info(
             "engine ready",
             engine=info.engine,
@@ -269,7 +272,13 @@ class EngineCore:
         return self.scheduler.has_work or self._in_flight is not None
 
     def step(self) -> list[StepOutput]:
-        """Run one step; what requests produced (with async scheduling: the previous step's)."""
+        """Run one step; what requests produced (with async scheduling: the previous step's).
+
+        A step that raises before it runs on the device (building its inputs, a planted fault)
+        is retried without its newest requests, halving, until the request that makes it fail
+        is alone: that request fails (`take_failures`), the others go on. With async scheduling
+        the retries run synchronously, after the previous step is read. A step that fails once
+        launched (a device error) still fails every request (`fail_all`)."""
         started = time.perf_counter()
         plan = self.scheduler.schedule()
         self.stats.num_preemptions += len(plan.preempted)
@@ -277,21 +286,72 @@ class EngineCore:
         outputs: list[StepOutput] = []
         if self._launcher is None:  # run the step and read it
             if plan.chunks:
-                sampled = self.executor.execute(plan.chunks)
-                spans = self._advance(plan.chunks, pending=False)
-                outputs += self._take(spans, sampled)
+                outputs += self._execute_isolating(self._oldest_first(plan.chunks))
         else:
             # Queue this step, then read the previous one while the device runs this one.
-            launched = None
+            launched, failed_launch = None, False
             if plan.chunks:
-                handle = self._launcher.launch(plan.chunks)
-                launched = _InFlight(self._advance(plan.chunks, pending=True), handle)
+                try:
+                    if self._check_step is not None:
+                        self._check_step(plan.chunks)
+                    handle = self._launcher.launch(plan.chunks)
+                except Exception as e:
+                    log.warning(
+                        "engine step failed to launch; isolating its requests", error=repr(e)
+                    )
+                    failed_launch = True
+                else:
+                    launched = _InFlight(self._advance(plan.chunks, pending=True), handle)
             previous, self._in_flight = self._in_flight, launched
             if previous is not None:
                 outputs += self._take(previous.spans, previous.handle.result())
+            if failed_launch:  # every input is known now: run it here, isolating the culprit
+                live = [c for c in plan.chunks if c.seq.state is not SeqState.FINISHED]
+                outputs += self._execute_isolating(self._oldest_first(live))
         self.publish_events()
         self._last_step_seconds = time.perf_counter() - started
         return outputs
+
+    def take_failures(self) -> list[tuple[str, Exception]]:
+        """The requests steps failed since the last call (each already dropped), with why."""
+        failures, self._failures = self._failures, []
+        return failures
+
+    def _oldest_first(self, chunks: list[ScheduledChunk]) -> list[ScheduledChunk]:
+        arrival = {request_id: i for i, request_id in enumerate(self._requests)}
+        return sorted(chunks, key=lambda c: arrival.get(c.seq.request_id, len(arrival)))
+
+    def _execute_isolating(self, chunks: list[ScheduledChunk]) -> list[StepOutput]:
+        """Run `chunks` synchronously; if that raises, run the older half and the newer half
+        apart (recursively), so only a request that fails alone is failed."""
+        try:
+            if self._check_step is not None:
+                self._check_step(chunks)
+            sampled = self.executor.execute(chunks)
+        except Exception as e:
+            if len(chunks) == 1:
+                self._fail(chunks[0].seq, e)
+                return []
+            half = len(chunks) // 2
+            log.warning(
+                "engine step failed; retrying without its newest requests",
+                requests=len(chunks),
+                retrying=half,
+                error=repr(e),
+            )
+            return self._execute_isolating(chunks[:half]) + self._execute_isolating(chunks[half:])
+        return self._take(self._advance(chunks, pending=False), sampled)
+
+    def _fail(self, seq: Sequence, error: Exception) -> None:
+        """Drop a request that fails a step on its own; its stream gets the error."""
+        log.error(
+            "request fails the engine step on its own; failing it",
+            request_id=seq.request_id,
+            error=repr(error),
+        )
+        self.abort(seq.request_id)
+        self.stats.num_requests_failed += 1
+        self._failures.append((seq.request_id, error))
 
     def _advance(self, chunks: list[ScheduledChunk], *, pending: bool) -> list[_Span]:
         """Count the chunks' tokens as computed; with `pending`, add a PENDING token for each

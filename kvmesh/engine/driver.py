@@ -300,6 +300,11 @@ class AsyncEngine:
             for request_id in self._core.fail_all(e):
                 self._deliver_error(request_id, error)
             return
+        for request_id, cause in self._core.take_failures():
+            self._deliver_error(
+                request_id,
+                EngineError(f"the request failed the engine step on its own: {cause!r}"),
+            )
         self._deliver(outputs)
 
     def _deliver(self, outputs: list[StepOutput]) -> None:

@@ -126,6 +126,7 @@ ENGINE_COUNTERS = {  # metric name -> EngineStats field
     "kvmesh_engine_preemptions_total": "num_preemptions",
     "kvmesh_engine_requests_finished_total": "num_requests_finished",
     "kvmesh_engine_requests_aborted_total": "num_requests_aborted",
+    "kvmesh_engine_requests_failed_total": "num_requests_failed",
 }
 ENGINE_GAUGES = {  # metric name -> LoadSnapshot field
     "kvmesh_engine_running_requests": "num_running",

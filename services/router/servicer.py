@@ -248,6 +248,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             except grpc.aio.AioRpcError as e:
                 if e.code() not in _MIGRATABLE | {grpc.StatusCode.DEADLINE_EXCEEDED}:
                     raise from_rpc_error(e) from e
+                _count_engine_failure(stream, e)
                 worker.mark_failed()
                 metrics.ROUTER_PREFILL_RETRIES.inc()
                 log.warning(
@@ -319,8 +320,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                     self._spawn(self._release(handle))
                     handle = None
                     continue
-                if isinstance(e, grpc.aio.AioRpcError) and e.code() not in _MIGRATABLE:
-                    raise from_rpc_error(e) from e
+                if isinstance(e, grpc.aio.AioRpcError):
+                    if e.code() not in _MIGRATABLE:
+                        raise from_rpc_error(e) from e
+                    _count_engine_failure(stream, e)
                 worker.mark_failed()
                 failed.add(worker.worker_id)
                 handle = None  # the new worker prefills prompt + tokens so far itself
@@ -409,6 +412,25 @@ def validate_resumed(resumed: list[int], sampling: SamplingParams, *, vocab_size
             f"resume_token_ids has {len(resumed)} tokens; it must be shorter than max_tokens "
             f"({sampling.max_tokens})"
         )
+
+
+MAX_ENGINE_FAILURES = 2  # workers whose engine may fail one request: it moves on once
+
+
+def _count_engine_failure(stream: RequestStream, error: grpc.aio.AioRpcError) -> None:
+    """A worker's engine failed this request (INTERNAL): it may be the request itself (a poison
+    request fails alone; the rest of its batch goes on), so it is tried on one more worker and
+    then fails, rather than take batch after batch down with it."""
+    if error.code() != grpc.StatusCode.INTERNAL:
+        return
+    stream.engine_failures += 1
+    if stream.engine_failures >= MAX_ENGINE_FAILURES:
+        log.error(
+            "the request failed in the engine of two workers; failing it",
+            request_id=stream.request_id,
+            error=error.details(),
+        )
+        raise from_rpc_error(error) from error
 
 
 def _current_request_id() -> str:

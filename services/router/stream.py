@@ -51,6 +51,7 @@ class RequestStream:
         self.stop_reason = ""
         self.cached_prompt_tokens = 0
         self.migrations = 0
+        self.engine_failures = 0  # workers whose engine failed it (INTERNAL)
         self._tokenizer = tokenizer
         self._detokenizer = (
             IncrementalDetokenizer(tokenizer, stop=sampling.stop) if tokenizer else None

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from kvmesh import models
-from kvmesh.engine import EngineConfig
+from kvmesh.engine import EngineConfig, faults
 from kvmesh.engine.torch_engine import TorchCore
 from kvmesh.errors import (
     InvalidRequestError,
@@ -433,3 +433,31 @@ def test_a_full_waiting_queue_refuses_new_requests() -> None:
     small.add(GenerateRequest("w3", (5, 6), NO_EOS))  # room again
     run_until_idle(small)
     assert small.is_idle_and_whole()
+
+
+@pytest.mark.parametrize("position", [0, 3, 5], ids=["oldest", "middle", "newest"])
+def test_a_request_that_fails_the_step_fails_alone_and_its_batch_goes_on(
+    core: TorchCore, position: int
+) -> None:
+    """A planted fault (the test-only hook a worker enables by its environment): the step is
+    retried without its newest requests until the culprit is alone; only it fails, and the
+    others produce the tokens they produce without it."""
+    batch = prompts(6, seed=3)
+    poisoned = [*batch[position][:2], 1, *batch[position][2:]]  # prompts hold no token 1
+    innocent = [p for i, p in enumerate(batch) if i != position]
+    expected = generate(core, innocent, NO_EOS, prefix="clean")
+    core._check_step = faults.poison(1)
+    try:
+        ids = [f"req-{i}" for i in range(6)]
+        for i, request_id in enumerate(ids):
+            prompt = poisoned if i == position else batch[i]
+            core.add(GenerateRequest(request_id, tuple(prompt), NO_EOS))
+        tokens = tokens_by_request(run_until_idle(core))
+        failures = core.take_failures()
+    finally:
+        core._check_step = None
+    assert [request_id for request_id, _ in failures] == [ids[position]]
+    assert isinstance(failures[0][1], faults.PoisonedStepError)
+    assert [tokens[request_id] for request_id in ids if request_id != ids[position]] == expected
+    assert ids[position] not in tokens
+    assert core.stats.num_requests_failed >= 1
