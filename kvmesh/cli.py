@@ -329,6 +329,12 @@ def bench_engine(
     help="mutual TLS, registry ACLs, the edge over HTTPS with an API key, an admin token; "
     "secrets made once in --tls-dir (default: .kvmesh/secure)",
 )
+@click.option(
+    "--restart/--no-restart",
+    default=True,
+    show_default=True,
+    help="restart a child that dies, with backoff (0.5 s doubling to 30 s), and log each restart",
+)
 def up(
     model: str,
     num_prefill: int,
@@ -348,6 +354,7 @@ def up(
     decode_args: tuple[str, ...],
     tls_dir: Path | None,
     secure: bool,
+    restart: bool,
 ) -> None:
     """Start the whole mesh on this machine: registry, workers, router, HTTP edge.
 
@@ -395,6 +402,7 @@ def up(
         extra_decode_args=list(decode_args),
         tls_dir=tls_dir,
         secure=secure,
+        restart=restart,
     )
     try:
         asyncio.run(run(config))

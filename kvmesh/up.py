@@ -35,7 +35,7 @@ import structlog
 
 from kvmesh import models, tiers
 from kvmesh.api.v1 import autoscaler_pb2, autoscaler_pb2_grpc
-from kvmesh.process import Child, start_child, stop_child, wait_ready
+from kvmesh.process import Child, ChildStartError, start_child, stop_child, wait_ready
 from kvmesh.rpc.channels import open_channel
 from kvmesh.security import bundle, certs
 from kvmesh.security.bundle import SecureBundle
@@ -78,6 +78,9 @@ class UpConfig:
     # Everything of docs/security.md: mutual TLS, registry ACLs, the edge over HTTPS with API
     # keys, an admin token; secrets in tls_dir (default: next to the logs, `secure/`).
     secure: bool = False
+    # Restart a child that dies, with backoff, as Kubernetes restarts a pod (`kvmesh up` turns
+    # it on; --no-restart turns it off). Off for tests that want a dead child to stay dead.
+    restart: bool = False
 
     @property
     def cluster_names(self) -> tuple[str, ...]:
@@ -102,6 +105,10 @@ class Mesh:
         self._stopping = asyncio.Event()
         self._worker_args: list[str] = []
         self.bundle: SecureBundle | None = None
+        self._launches: dict[str, _Launch] = {}  # child name -> how to start it again
+        self._supervisors: dict[str, asyncio.Task[None]] = {}
+        self._supervising = False
+        self.restarts: dict[str, int] = {}  # child name -> times restarted (and ready again)
 
     async def start(self) -> None:
         config = self.config
@@ -309,8 +316,11 @@ class Mesh:
         return [c for c in self.children if c.name.startswith(tier) and c.alive]
 
     async def wait(self) -> None:
-        """Until stop() is called (a signal) — children that die are reported, not restarted."""
-        watchers = [asyncio.create_task(self._report_exit(c)) for c in self.children]
+        """Until stop() is called (a signal). Children that die are restarted (`restart`) or
+        reported."""
+        watchers = []
+        if not self.config.restart:
+            watchers = [asyncio.create_task(self._report_exit(c)) for c in self.children]
         await self._stopping.wait()
         for task in watchers:
             task.cancel()
@@ -319,8 +329,74 @@ class Mesh:
         self._stopping.set()
 
     async def stop(self) -> None:
+        self._stopping.set()
+        for task in self._supervisors.values():
+            task.cancel()
+        await asyncio.gather(*self._supervisors.values(), return_exceptions=True)
         for child in reversed(self.children):
             await stop_child(child, self.config.grace_s)
+
+    def supervise(self) -> None:
+        """Restart every child `up` started, and those started later, when it dies."""
+        self._supervising = True
+        for child in self.children:
+            self._supervise(child.name)
+
+    def _supervise(self, name: str) -> None:
+        if name not in self._supervisors:
+            self._supervisors[name] = asyncio.create_task(
+                self._keep_running(name), name=f"supervise-{name}"
+            )
+
+    async def _keep_running(self, name: str) -> None:
+        """Wait for the child to die; start it again after a backoff that doubles with each
+        quick death (RESTART_BACKOFF_S, up to RESTART_BACKOFF_MAX_S) and resets once it has run
+        for RESTART_RESET_AFTER_S, as Kubernetes' CrashLoopBackOff does."""
+        failures = 0
+        while not self._stopping.is_set():
+            child = self.child(name)
+            started = time.monotonic()
+            code = await child.process.wait()
+            if self._stopping.is_set():
+                return
+            if time.monotonic() - started >= RESTART_RESET_AFTER_S:
+                failures = 0
+            delay = restart_delay(failures)
+            failures += 1
+            _say(
+                f"{name} exited with code {code}; restarting it in {delay:g} s "
+                f"(restart {self.restarts.get(name, 0) + 1}, log {child.log_path})"
+            )
+            await asyncio.sleep(delay)  # the backoff
+            if self._stopping.is_set():
+                return
+            try:
+                restarted = await self._respawn(name, child)
+            except ChildStartError as e:
+                _say(f"{name} did not start again: {e}")
+                continue  # the dead child again: the next, longer, backoff
+            self.restarts[name] = self.restarts.get(name, 0) + 1
+            _say(f"{name} restarted (pid {restarted.process.pid})")
+
+    async def _respawn(self, name: str, dead: Child) -> Child:
+        """Start a dead child again with its arguments, on the port it had (its clients and the
+        banner know that address; workers take any port and register it anew)."""
+        launch = self._launches[name]
+        argv = launch.argv
+        port = _port_of(dead)
+        if port is not None and "--port" in argv:
+            argv = _with_port(argv, port)
+        await stop_child(dead, 0)  # already dead: this closes its log and stdout reader
+        child = await start_child(name, argv, self.config.log_dir, launch.env)
+        self.children[self.children.index(dead)] = child
+        try:
+            await wait_ready(
+                child, launch.ready_prefix, self.config.start_timeout_s, lines=launch.lines
+            )
+        except ChildStartError:
+            await stop_child(child, 0)
+            raise
+        return child
 
     async def _spawn(
         self, name: str, argv: list[str], ready_prefix: str, *, lines: int = 1
@@ -331,7 +407,10 @@ class Mesh:
             env["CONSUL_HTTP_TOKEN_FILE"] = str(self.bundle.acl_token_file)
         child = await start_child(name, argv, self.config.log_dir, env or None)
         self.children.append(child)
+        self._launches[name] = _Launch(argv, ready_prefix, lines, env or None)
         await wait_ready(child, ready_prefix, self.config.start_timeout_s, lines=lines)
+        if self._supervising:
+            self._supervise(name)
         return child
 
     def _registry_acl_args(self) -> list[str]:
@@ -375,6 +454,45 @@ class Mesh:
         code = await child.process.wait()
         if not self._stopping.is_set():
             print(f"kvmesh up: {child.name} exited with code {code}", file=sys.stderr)
+
+
+RESTART_BACKOFF_S = 0.5
+RESTART_BACKOFF_MAX_S = 30.0
+RESTART_RESET_AFTER_S = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Launch:
+    argv: list[str]
+    ready_prefix: str
+    lines: int
+    env: dict[str, str] | None
+
+
+def restart_delay(quick_deaths: int) -> float:
+    """The wait before a restart, after this many deaths in a row that came quickly."""
+    return float(min(RESTART_BACKOFF_MAX_S, RESTART_BACKOFF_S * 2**quick_deaths))
+
+
+def _say(message: str) -> None:
+    print(f"kvmesh up: {message}", file=sys.stderr, flush=True)
+    log.warning(message)
+
+
+def _port_of(child: Child) -> int | None:
+    """The port a child listened on, from its ready line (a URL or host:port)."""
+    if not child.ready_line:
+        return None
+    url_last = child.ready_line.startswith(("edge", "kvmesh registry"))
+    address = child.ready_line.split()[-1] if url_last else child.address
+    port = address.rstrip("/").rpartition(":")[2]
+    return int(port) if port.isdigit() else None
+
+
+def _with_port(argv: list[str], port: int) -> list[str]:
+    pinned = list(argv)
+    pinned[len(argv) - 1 - argv[::-1].index("--port") + 1] = str(port)
+    return pinned
 
 
 def _secure_examples(mesh: Mesh, model: str) -> str:
@@ -491,6 +609,8 @@ async def run(config: UpConfig) -> None:
             stop_wait.cancel()
             starting.result()
             print(banner(mesh), flush=True)
+            if config.restart:
+                mesh.supervise()
             await mesh.wait()
         else:
             starting.cancel()
