@@ -441,6 +441,13 @@ def up(
     help="turn ACLs on: writes (and, with --acl-read-requires-token, reads) need this token",
 )
 @click.option("--acl-read-requires-token", is_flag=True, help="reads need the token too")
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="keep the KV store, registrations and check statuses here (snapshot + fsync'd log), "
+    "restored at start; default: nothing survives a restart",
+)
 def registry(
     host: str,
     port: int,
@@ -449,6 +456,7 @@ def registry(
     verify_incoming: bool,
     acl_bootstrap_token_file: Path | None,
     acl_read_requires_token: bool,
+    data_dir: Path | None,
 ) -> None:
     """Run the embedded Consul-compatible registry."""
     from kvmesh.discovery.registry import run_registry
@@ -467,7 +475,9 @@ def registry(
             raise click.ClickException(str(e)) from e
     elif acl_read_requires_token:
         raise click.BadParameter("needs --acl-bootstrap-token-file")
-    asyncio.run(run_registry(list(datacenters), host, port, acl, identity, verify_incoming))
+    asyncio.run(
+        run_registry(list(datacenters), host, port, acl, identity, verify_incoming, data_dir)
+    )
 
 
 def _use_identity(tls_dir: str | None, role: Role) -> TlsIdentity | None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import ssl
 import sys
@@ -132,7 +133,8 @@ class Mesh:
         registry = await self._spawn(
             "registry",
             [*py, "kvmesh.cli", "registry", "--host", config.host, "--port",
-             str(config.registry_port), *datacenters, *self._registry_acl_args()],
+             str(config.registry_port), *datacenters, *self._registry_acl_args(),
+             "--data-dir", str(self._registry_data_dir())],
             "kvmesh registry:",
             lines=len(clusters),
         )  # fmt: skip
@@ -412,6 +414,13 @@ class Mesh:
         if self._supervising:
             self._supervise(name)
         return child
+
+    def _registry_data_dir(self) -> Path:
+        """Under the log directory, emptied at each `up`: the registry keeps its state across
+        its own restarts (supervision, a crash), a new mesh starts empty."""
+        directory = self.config.log_dir / "registry-data"
+        shutil.rmtree(directory, ignore_errors=True)
+        return directory
 
     def _registry_acl_args(self) -> list[str]:
         if self.bundle is None:

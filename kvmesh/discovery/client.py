@@ -235,8 +235,13 @@ class Discovery:
     async def deregister(self, service_id: str) -> None:
         await self._call(self._consul.agent.service.deregister(service_id))
 
+    async def is_registered(self, service_id: str) -> bool:
+        """Whether the agent knows the service instance (it may have restarted without it)."""
+        return service_id in await self._call(self._consul.agent.services())
+
     async def pass_ttl(self, check_id: str, note: str | None = None) -> None:
-        await self._call(self._consul.agent.check.ttl_pass(check_id, notes=note))
+        if not await self._call(self._consul.agent.check.ttl_pass(check_id, notes=note)):
+            raise DiscoveryError(f"registry at {self.address} does not know check {check_id!r}")
 
     async def local_datacenter(self) -> str:
         info = await self._call(self._consul.agent.self())

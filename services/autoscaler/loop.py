@@ -32,6 +32,8 @@ from services.autoscaler.policy import Policy
 
 log = structlog.get_logger(__name__)
 
+REPUBLISH_S = 30.0  # desired counts are written again this often, changed or not
+
 DEFAULT_TICK_S = 5.0
 DEFAULT_DECISIONS_KEPT = 10_000
 DEFAULT_LIST_LIMIT = 50
@@ -116,7 +118,7 @@ class AutoscalerLoop:
         self._clock = clock
         self._prefix = desired_prefix if desired_prefix.endswith("/") else desired_prefix + "/"
         self._scalers: dict[Pair, Scaler] = {}
-        self._published: dict[Pair, int] = {}  # desired count last written to KV
+        self._published: dict[Pair, tuple[int, float]] = {}  # desired count written, when
 
     def desired_key(self, model: str, tier: str) -> str:
         return f"{self._prefix}{model}/{tier}"
@@ -193,10 +195,15 @@ class AutoscalerLoop:
         return decision
 
     async def _publish(self, decision: Decision) -> None:
-        """Write the desired count when it changed; a failed write is retried next tick."""
+        """Write the desired count when it changed, and again every REPUBLISH_S even if not
+        (a registry that restarted without its data has lost it); a failed write is retried
+        next tick."""
         pair = (decision.model, decision.tier)
-        if self._published.get(pair) == decision.desired:
-            return
+        published = self._published.get(pair)
+        now = self._clock()
+        if published is not None and published[0] == decision.desired:
+            if now - published[1] < REPUBLISH_S:
+                return
         value = json.dumps(
             {"desired": decision.desired, "reason": decision.reason, "time": decision.time}
         )
@@ -207,4 +214,4 @@ class AutoscalerLoop:
                 "autoscaler desired not published", model=pair[0], tier=pair[1], error=str(e)
             )
             return
-        self._published[pair] = decision.desired
+        self._published[pair] = (decision.desired, now)

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
 
+from kvmesh.discovery.registry import journal
 from kvmesh.discovery.registry.errors import BadRequestError, NotFoundError
 from kvmesh.discovery.registry.index import IndexCounter
 from kvmesh.discovery.registry.records import (
@@ -32,6 +34,8 @@ from kvmesh.discovery.registry.records import (
 )
 
 log = structlog.get_logger(__name__)
+
+Record = journal.Record
 
 CONSUL_SERVICE = "consul"
 SERF_CHECK_ID = "serfHealth"
@@ -58,6 +62,7 @@ class Catalog:
         self._index = index
         self._services: dict[str, Service] = {}
         self._checks: dict[str, Check] = {}
+        self.journal: Callable[[Record], None] | None = None  # durable writes (`--data-dir`)
         self._name_index: dict[str, int] = {}  # service name -> last change touching it
         self.node_index = index.bump()
         self.services_index = self.node_index  # which services exist, and their tags
@@ -117,6 +122,13 @@ class Catalog:
         for check_def in changed_checks:
             self._put_check(check_def, definition, index, now)
         log.info("service registered", service_id=sid, service=definition.name, index=index)
+        self._journal(
+            {
+                "t": "svc",
+                "def": journal.service_dict(definition),
+                "replace": replace_existing_checks,
+            }
+        )
 
     def deregister_service(self, service_id: str) -> None:
         service = self._services.get(service_id)
@@ -132,6 +144,7 @@ class Catalog:
         self.services_index = index
         self._name_index[service.name] = index
         log.info("service deregistered", service_id=service_id, index=index)
+        self._journal({"t": "svc_del", "id": service_id})
 
     def register_check(self, definition: CheckDefinition, now: float) -> None:
         """/v1/agent/check/register: a check on its own, on the node or on a service."""
@@ -147,10 +160,12 @@ class Catalog:
         if self._is_current(complete, owner_def):
             return
         self._put_check(complete, owner_def, self._index.bump(), now)
+        self._journal({"t": "chk", "def": journal.check_dict(complete)})
 
     def deregister_check(self, check_id: str) -> None:
         self.agent_check(check_id)
         self._drop_check(check_id, self._index.bump())
+        self._journal({"t": "chk_del", "id": check_id})
 
     def update_ttl(self, check_id: str, status: CheckStatus, output: str, now: float) -> None:
         """pass / warn / fail / update: set a TTL check's status and restart its TTL."""
@@ -193,6 +208,53 @@ class Catalog:
             else:
                 next_due = _earliest(next_due, due)
         return next_due
+
+    # -- durability --------------------------------------------------------------------------------
+
+    def _journal(self, record: Record) -> None:
+        if self.journal is not None:
+            self.journal(record)
+
+    def restore(self, record: Record, now: float) -> None:
+        """Apply one journal record (`journal.py`), as the write that made it did."""
+        kind = record["t"]
+        if kind == "svc":
+            definition = journal.service_definition(record["def"])
+            self.register_service(definition, now, replace_existing_checks=record["replace"])
+        elif kind == "svc_del" and record["id"] in self._services:
+            self.deregister_service(record["id"])
+        elif kind == "chk":
+            self.register_check(journal.check_definition(record["def"]), now)
+        elif kind == "chk_del" and record["id"] in self._checks:
+            self.deregister_check(record["id"])
+        elif kind == "status" and record["id"] in self._checks:
+            self._set_status(self._checks[record["id"]], record["status"], record["output"], now)
+
+    def records(self) -> list[Record]:
+        """The journal records that rebuild the registrations and check statuses."""
+        found: list[Record] = []
+        for service in self.agent_services():
+            checks = tuple(
+                c.definition
+                for c in self._checks.values()
+                if c.service_id == service.service_id and c.definition is not None
+            )
+            definition = dataclasses.replace(service.definition, checks=checks)
+            found.append({"t": "svc", "def": journal.service_dict(definition), "replace": True})
+        for check in self._checks.values():
+            if check.definition is not None and not check.service_id:
+                found.append({"t": "chk", "def": journal.check_dict(check.definition)})
+        for check in self._checks.values():
+            if check.definition is not None:
+                found.append(
+                    {
+                        "t": "status",
+                        "id": check.check_id,
+                        "status": check.status,
+                        "output": check.output,
+                    }
+                )
+        return found
 
     # -- reads -------------------------------------------------------------------------------------
 
@@ -336,6 +398,7 @@ class Catalog:
         check.modify_index = index
         check.critical_since = now if status == CRITICAL else None
         self._touch(check, index)
+        self._journal({"t": "status", "id": check.check_id, "status": status, "output": output})
 
     def _touch(self, check: Check, index: int) -> None:
         self.checks_index = index

@@ -7,9 +7,14 @@ deletion so that a prefix's index never goes backwards when one of its keys disa
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from kvmesh.discovery.registry import journal
 from kvmesh.discovery.registry.errors import BadRequestError, ValueTooLargeError
 from kvmesh.discovery.registry.index import IndexCounter
 from kvmesh.discovery.registry.records import KvEntry
+
+Record = journal.Record
 
 MAX_KEY_BYTES = 512
 MAX_VALUE_BYTES = 512 * 1024  # Consul's default kv_max_value_size
@@ -34,6 +39,7 @@ class KvStore:
         self._entries: dict[str, KvEntry] = {}
         self._tombstones: dict[str, int] = {}
         self._table_index = 0  # the last index at which any key changed
+        self.journal: Callable[[Record], None] | None = None  # durable writes (`--data-dir`)
 
     # -- reads -------------------------------------------------------------------------------------
 
@@ -86,8 +92,11 @@ class KvStore:
                 return False
         index = self._bump()
         created = existing.create_index if existing is not None else index
-        self._entries[key] = KvEntry(key, value or None, flags, created, index)
+        entry = KvEntry(key, value or None, flags, created, index)
+        self._entries[key] = entry
         self._tombstones.pop(key, None)
+        if self.journal is not None:
+            self.journal(journal.kv_record(entry))
         return True
 
     def delete(self, key: str, *, cas: int | None = None) -> bool:
@@ -112,6 +121,26 @@ class KvStore:
         for key in keys:
             del self._entries[key]
             self._tombstones[key] = index
+        if self.journal is not None:
+            self.journal({"t": "kv_del", "keys": keys, "index": index})
+
+    # -- durability --------------------------------------------------------------------------------
+
+    def restore(self, record: Record) -> None:
+        """Apply a `kv_put` or `kv_del` journal record with the indexes it carries."""
+        if record["t"] == "kv_put":
+            entry = journal.kv_entry(record)
+            self._entries[entry.key] = entry
+            self._tombstones.pop(entry.key, None)
+            self._table_index = max(self._table_index, entry.modify_index)
+        elif record["t"] == "kv_del":
+            for key in record["keys"]:
+                self._entries.pop(key, None)
+                self._tombstones[key] = record["index"]
+            self._table_index = max(self._table_index, record["index"])
+
+    def records(self) -> list[Record]:
+        return [journal.kv_record(self._entries[k]) for k in sorted(self._entries)]
 
     def _bump(self) -> int:
         self._table_index = self._index.bump()

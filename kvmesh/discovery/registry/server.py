@@ -15,6 +15,7 @@ import contextlib
 import signal
 import ssl
 from collections.abc import Sequence
+from pathlib import Path
 from types import TracebackType
 
 import structlog
@@ -24,6 +25,7 @@ from kvmesh.discovery.registry.acl import AclConfig
 from kvmesh.discovery.registry.checks import CheckRunner
 from kvmesh.discovery.registry.errors import ListenError
 from kvmesh.discovery.registry.http import build_app
+from kvmesh.discovery.registry.journal import Journal
 from kvmesh.discovery.registry.state import RegistryState, validate_datacenter_names
 from kvmesh.security import certs
 from kvmesh.security.tls import TlsIdentity
@@ -52,9 +54,12 @@ class EmbeddedRegistry:
         acl: AclConfig | None = None,
         tls: TlsIdentity | None = None,
         verify_incoming: bool = False,
+        data_dir: Path | None = None,
     ) -> None:
         """`tls`: serve HTTPS with this identity's certificate; `verify_incoming`: and require
-        a client certificate from its CA (Consul's `verify_incoming`)."""
+        a client certificate from its CA (Consul's `verify_incoming`); `data_dir`: keep the
+        durable state there (`journal.py`), restored at start."""
+        self._data_dir = data_dir
         self._names = list(datacenters)
         self._acl = acl
         if verify_incoming and tls is None:
@@ -97,7 +102,8 @@ class EmbeddedRegistry:
     async def start(self) -> None:
         if self._state is not None:
             raise RuntimeError("the registry is already started")
-        state = RegistryState(self._names, _reachable(self._host))
+        journal = Journal(self._data_dir) if self._data_dir is not None else None
+        state = RegistryState(self._names, _reachable(self._host), journal=journal)
         self._state = state
         try:
             for i, dc in enumerate(state):
@@ -160,10 +166,17 @@ async def run_registry(
     acl: AclConfig | None = None,
     tls: TlsIdentity | None = None,
     verify_incoming: bool = False,
+    data_dir: Path | None = None,
 ) -> None:
     """Serve until cancelled, SIGINT or SIGTERM; print each agent's URL on start."""
     async with EmbeddedRegistry(
-        datacenters, host=host, port=port, acl=acl, tls=tls, verify_incoming=verify_incoming
+        datacenters,
+        host=host,
+        port=port,
+        acl=acl,
+        tls=tls,
+        verify_incoming=verify_incoming,
+        data_dir=data_dir,
     ) as registry:
         for name in registry.datacenters:
             print(f"kvmesh registry: {name} {registry.url(name)}", flush=True)

@@ -6,16 +6,23 @@ dc2's blocking queries, as separate Consul clusters would.
 
 from __future__ import annotations
 
+import functools
 import re
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import structlog
+
 from kvmesh.discovery.registry.catalog import Catalog
 from kvmesh.discovery.registry.errors import UnknownDatacenterError
 from kvmesh.discovery.registry.index import IndexCounter
+from kvmesh.discovery.registry.journal import Journal, Record
 from kvmesh.discovery.registry.kvstore import KvStore
 from kvmesh.discovery.registry.records import Node
+
+log = structlog.get_logger(__name__)
 
 _DATACENTER_NAME = re.compile(r"^[a-z0-9_-]+$")  # what Consul accepts for `datacenter`
 
@@ -57,10 +64,64 @@ def validate_datacenter_names(names: Sequence[str]) -> None:
 
 
 class RegistryState:
-    def __init__(self, datacenters: Sequence[str], address: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        datacenters: Sequence[str],
+        address: str = "127.0.0.1",
+        *,
+        journal: Journal | None = None,
+    ) -> None:
+        """With a `journal` the state is first rebuilt from it, then every write goes to it
+        (fsync'd before the write returns), and it is compacted into a new snapshot."""
         names = list(datacenters)
         validate_datacenter_names(names)
         self._datacenters = {name: Datacenter.create(name, address) for name in names}
+        self._journal = journal
+        if journal is not None:
+            self._restore(journal)
+            for dc in self._datacenters.values():
+                dc.kv.journal = dc.catalog.journal = functools.partial(self._write, dc)
+            journal.compact(self.records())
+
+    def _restore(self, journal: Journal) -> None:
+        now = time.monotonic()
+        restored = 0
+        latest: dict[str, int] = {}
+        for record in journal.replay():
+            dc = self._datacenters.get(record.get("dc", ""))
+            if dc is None:
+                continue  # a datacenter this registry no longer serves
+            kind = record["t"]
+            if kind in ("kv_put", "kv_del"):
+                dc.kv.restore(record)
+            elif kind != "index":
+                dc.catalog.restore(record, now)
+            seen = (
+                record["value"]
+                if kind == "index"
+                else max(record.get("index", 0), record.get("modify", 0))
+            )
+            latest[dc.name] = max(latest.get(dc.name, 0), seen)
+            restored += 1
+        for name, value in latest.items():  # indexes never go backwards across a restart
+            index = self._datacenters[name].index
+            index.value = max(index.value, value)
+        log.info("registry state restored", records=restored, data_dir=str(journal.directory))
+
+    def _write(self, dc: Datacenter, record: Record) -> None:
+        assert self._journal is not None
+        self._journal.append({"dc": dc.name, "index": dc.index.value, **record})
+        if self._journal.wants_compaction:
+            self._journal.compact(self.records())
+
+    def records(self) -> list[Record]:
+        """Journal records that rebuild the whole durable state."""
+        found: list[Record] = []
+        for dc in self._datacenters.values():
+            tagged = [{"t": "index", "value": dc.index.value}, *dc.kv.records()]
+            tagged += dc.catalog.records()
+            found += [{"dc": dc.name, **record} for record in tagged]
+        return found
 
     @property
     def names(self) -> list[str]:
@@ -80,6 +141,8 @@ class RegistryState:
         return iter(self._datacenters.values())
 
     def close(self) -> None:
-        """Release every blocking query."""
+        """Release every blocking query; close the journal."""
         for dc in self._datacenters.values():
             dc.index.close()
+        if self._journal is not None:
+            self._journal.close()

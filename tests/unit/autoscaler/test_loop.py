@@ -133,6 +133,15 @@ async def test_desired_is_published_only_when_it_changes() -> None:
     assert len(h.log.recent()) == 3
 
 
+async def test_an_unchanged_desired_is_published_again_after_a_while() -> None:
+    """A registry restarted without its data has lost the key: it comes back within 30 s."""
+    h = Harness(DECODE)
+    h.observe("m", "decode", ready=1, in_flight=12)
+    for _ in range(7):  # 5 s a tick: 35 s
+        await h.tick()
+    assert [w[1]["desired"] for w in h.kv.writes] == [3, 3]
+
+
 async def test_a_failed_publish_is_retried_on_the_next_tick() -> None:
     h = Harness(DECODE)
     h.observe("m", "decode", ready=1, in_flight=12)
