@@ -201,9 +201,9 @@ class AutoscalerLoop:
         pair = (decision.model, decision.tier)
         published = self._published.get(pair)
         now = self._clock()
-        if published is not None and published[0] == decision.desired:
-            if now - published[1] < REPUBLISH_S:
-                return
+        unchanged = published is not None and published[0] == decision.desired
+        if unchanged and published is not None and now - published[1] < REPUBLISH_S:
+            return
         value = json.dumps(
             {"desired": decision.desired, "reason": decision.reason, "time": decision.time}
         )
