@@ -330,6 +330,14 @@ def bench_engine(
     "secrets made once in --tls-dir (default: .kvmesh/secure)",
 )
 @click.option(
+    "--routers",
+    "num_routers",
+    default=1,
+    show_default=True,
+    help="routers per cluster: the edge finds them in the registry, balances over them and "
+    "resumes a stream on another when its router dies",
+)
+@click.option(
     "--restart/--no-restart",
     default=True,
     show_default=True,
@@ -354,6 +362,7 @@ def up(
     decode_args: tuple[str, ...],
     tls_dir: Path | None,
     secure: bool,
+    num_routers: int,
     restart: bool,
 ) -> None:
     """Start the whole mesh on this machine: registry, workers, router, HTTP edge.
@@ -373,6 +382,8 @@ def up(
 
     if num_decode < 1 or num_prefill < 0:
         raise click.BadParameter("--decode must be at least 1 and --prefill at least 0")
+    if num_routers < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--routers")
     names = tuple(c.strip() for c in clusters.split(",") if c.strip())
     if len(set(names)) != len(names):
         raise click.BadParameter(f"cluster names repeat: {clusters}", param_hint="--clusters")
@@ -403,6 +414,7 @@ def up(
         tls_dir=tls_dir,
         secure=secure,
         restart=restart,
+        routers=num_routers,
     )
     try:
         asyncio.run(run(config))

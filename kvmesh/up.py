@@ -79,6 +79,7 @@ class UpConfig:
     # Everything of docs/security.md: mutual TLS, registry ACLs, the edge over HTTPS with API
     # keys, an admin token; secrets in tls_dir (default: next to the logs, `secure/`).
     secure: bool = False
+    routers: int = 1  # per cluster; the edge balances over them and fails over among them
     # Restart a child that dies, with backoff, as Kubernetes restarts a pod (`kvmesh up` turns
     # it on; --no-restart turns it off). Off for tests that want a dead child to stay dead.
     restart: bool = False
@@ -95,7 +96,8 @@ class Mesh:
         self.config = config
         self.children: list[Child] = []
         self.router_address = ""  # the first cluster's router
-        self.routers: dict[str, str] = {}  # cluster -> router address
+        self.routers: dict[str, str] = {}  # cluster -> its first router's address
+        self.cluster_routers: dict[str, list[str]] = {}  # cluster -> every router's address
         # cluster -> its registry agent: host:port, or https://host:port with a TLS directory
         self.registries: dict[str, str] = {}
         self.edge_url = ""
@@ -163,22 +165,27 @@ class Mesh:
                 self._spawn(name, self._worker_argv(tier, cluster, device), f"{tier} serving")
                 for (cluster, tier, name), device in zip(names, devices, strict=True)
             ]
-        for i, cluster in enumerate(clusters):
-            port = str(config.router_port) if i == 0 else "0"
-            args = ["--port", port, *config.extra_router_args]
+        placed = [(c, j) for c in clusters for j in range(config.routers)]
+        for cluster, j in placed:
+            first = cluster == clusters[0] and j == 0
+            args = ["--port", str(config.router_port) if first else "0", *config.extra_router_args]
             name = "router" if len(clusters) == 1 else f"router-{cluster}"
+            name += f"-{j}" if j else ""
             starting.append(self._spawn(name, self._router_argv(args, cluster), "router serving"))
         started = await asyncio.gather(*starting)
-        routers = started[len(started) - len(clusters) :]
-        self.routers = {c: r.address for c, r in zip(clusters, routers, strict=True)}
-        self.router_address = routers[0].address
+        for (cluster, _), router in zip(placed, started[len(started) - len(placed) :], strict=True):
+            self.cluster_routers.setdefault(cluster, []).append(router.address)
+        self.routers = {c: addresses[0] for c, addresses in self.cluster_routers.items()}
+        self.router_address = self.routers[clusters[0]]
         if config.autoscale:
             await self._start_scaling()
+        # The edge finds each cluster's routers in the registry (and starts with these).
+        listed = {c: ",".join(addresses) for c, addresses in self.cluster_routers.items()}
         if len(clusters) == 1:
-            targets = ["--router", self.router_address]
+            targets = ["--router", listed[clusters[0]]]
         else:
-            targets = [a for c, r in self.routers.items() for a in ("--cluster", f"{c}={r}")]
-            targets += ["--registry", self.registry_address]
+            targets = [a for c, r in listed.items() for a in ("--cluster", f"{c}={r}")]
+        targets += ["--registry", self.registry_address, "--discover-routers"]
         edge = await self._spawn(
             "edge",
             [*py, "services.edge", "--host", config.host, "--port", str(config.edge_port),
@@ -561,8 +568,8 @@ def banner(mesh: Mesh) -> str:
     lines.append(
         f"  OpenAI-compatible HTTP  {url}/v1   (health {url}/health, metrics {url}/metrics)"
     )
-    for cluster, router in mesh.routers.items():
-        lines.append(f"  gRPC Generation API     {router}   ({cluster})")
+    for cluster, addresses in mesh.cluster_routers.items():
+        lines.append(f"  gRPC Generation API     {', '.join(addresses)}   ({cluster})")
     for cluster, registry in mesh.registries.items():
         url = registry if "://" in registry else f"http://{registry}"
         lines.append(f"  registry (Consul API)   {url}   ({cluster})")

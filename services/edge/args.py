@@ -49,6 +49,9 @@ class EdgeConfig:
     max_connections: int | None = 1024  # concurrent connections; past it, 503 (None: no limit)
     body_timeout_s: float = 30.0  # a request body must arrive within this long (else 408)
     header_timeout_s: float = 10.0  # and a request's headers within this long (else 408)
+    # Find each cluster's routers through `registry` (the passing `kvmesh-router` instances of
+    # its datacenter); the addresses given are used until discovery answers
+    discover_routers: bool = False
 
     def __post_init__(self) -> None:
         if not self.clusters:
@@ -85,11 +88,18 @@ class EdgeConfig:
                 raise ValueError(f"{name} must be positive")
         if self.max_connections is not None and self.max_connections < 1:
             raise ValueError("max_connections must be at least 1")
+        if self.discover_routers and self.registry is None:
+            raise ValueError("discovering routers needs a registry (--registry)")
 
     @property
     def router(self) -> str:
-        """The home cluster's router address."""
+        """The home cluster's router address(es)."""
         return dict(self.clusters)[self.home]
+
+
+def router_addresses(value: str) -> list[str]:
+    """`A,B` -> ["A", "B"]: a cluster's routers."""
+    return [a.strip() for a in value.split(",") if a.strip()]
 
 
 def check_cluster_name(name: str) -> None:
@@ -103,9 +113,10 @@ def check_cluster_name(name: str) -> None:
 def check_cluster(name: str, address: str) -> None:
     """Raise ValueError, saying what is wrong, for a bad cluster name or HOST:PORT address."""
     check_cluster_name(name)
-    match = _ADDRESS.fullmatch(address)
-    if match is None or not 0 < int(match[2]) <= 65535:
-        raise ValueError(f"cluster {name!r}: router address {address!r} is not HOST:PORT")
+    for one in router_addresses(address) or [address]:
+        match = _ADDRESS.fullmatch(one)
+        if match is None or not 0 < int(match[2]) <= 65535:
+            raise ValueError(f"cluster {name!r}: router address {one!r} is not HOST:PORT")
 
 
 def _cluster_arg(value: str) -> tuple[str, str]:
@@ -133,8 +144,8 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     targets.add_argument(
         "--router",
         default=env.get(ROUTER_ENV) or DEFAULT_ROUTER,
-        help=f"the router's gRPC address: one cluster, named {DEFAULT_CLUSTER!r} "
-        f"(env {ROUTER_ENV})",
+        help=f"the router's gRPC address, or several, comma-separated: one cluster, named "
+        f"{DEFAULT_CLUSTER!r} (env {ROUTER_ENV})",
     )
     targets.add_argument(
         "--cluster",
@@ -142,8 +153,8 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         action="append",
         type=_cluster_arg,
         default=None,
-        metavar="NAME=HOST:PORT",
-        help="a cluster (its Consul datacenter's name) and its router's gRPC address; repeat "
+        metavar="NAME=HOST:PORT[,HOST:PORT...]",
+        help="a cluster (its Consul datacenter's name) and its routers' gRPC addresses; repeat "
         "for several: requests go to --home first, then to the others in this order",
     )
     parser.add_argument(
@@ -156,6 +167,12 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         default=env.get(REGISTRY_ENV) or None,
         help="Consul / embedded registry HOST:PORT to watch for cordoned clusters, which get "
         f"no new requests (env {REGISTRY_ENV}; default: none)",
+    )
+    parser.add_argument(
+        "--discover-routers",
+        action="store_true",
+        help="find each cluster's routers in --registry (passing kvmesh-router instances of "
+        "its datacenter), balance over them and fail over among them",
     )
     parser.add_argument(
         "--request-timeout",
@@ -259,6 +276,7 @@ def parse_args(
             max_connections=args.max_connections,
             body_timeout_s=args.body_timeout,
             header_timeout_s=args.header_timeout,
+            discover_routers=args.discover_routers,
         )
     except ValueError as e:
         parser.error(str(e))  # exits with status 2 and the usage line

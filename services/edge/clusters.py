@@ -1,19 +1,22 @@
 """The clusters the edge fronts, and one generation's way through them (spillover, failover).
 
-A cluster is one Consul datacenter with its own router. For each request:
+A cluster is one Consul datacenter with one or more routers (`routers.py`: fixed addresses or
+discovered). For each request the edge tries routers one at a time:
 
     order                  home first, then the others as configured; cordoned ones skipped
-                           (every cluster cordoned: 503)
+                           (every cluster cordoned: 503); within a cluster, its routers in
+                           turn (round robin from request to request)
     each attempt but the   carries `x-kvmesh-spill: 1`, so that a saturated router, or one
     last                   without decode workers, refuses at once instead of queueing or
                            waiting for its tier to wake
-    before the first       UNAVAILABLE or RESOURCE_EXHAUSTED: the next cluster (spillover,
-    message                failover); any other error is the answer
+    before the first       UNAVAILABLE or RESOURCE_EXHAUSTED: the next router, then the next
+    message                cluster (spillover, failover); any other error is the answer
     after it               UNAVAILABLE (the router died, or its cluster lost every decode
-                           worker): the next cluster resumes with `resume_token_ids` = every
-                           token streamed so far, so the client reads one continuous answer
+                           worker): the next router or cluster resumes with
+                           `resume_token_ids` = every token streamed so far, so the client
+                           reads one continuous answer
 
-Each cluster is tried at most once per request; the edge asks routers for token ids
+Each router is tried at most once per request; the edge asks routers for token ids
 (`return_token_ids`) to resume with, and strips them for a client that did not ask for them.
 
 With a registry, cordons are watched (Consul KV `kvmesh/controlplane/cordon/<cluster>`): a
@@ -37,6 +40,7 @@ from kvmesh.telemetry import metrics
 from services.edge import errors
 from services.edge.client import GenerationClient, GenerationStream
 from services.edge.errors import ApiError, RouterError
+from services.edge.routers import RouterSet
 
 log = structlog.get_logger(__name__)
 
@@ -50,7 +54,7 @@ _MOVE_MID_STREAM = {grpc.StatusCode.UNAVAILABLE: "failed_over"}
 @dataclass(frozen=True, slots=True)
 class Cluster:
     name: str
-    client: GenerationClient
+    routers: RouterSet
 
 
 class ClusterSet:
@@ -97,17 +101,19 @@ class ClusterSet:
         cordoned = [c for c in self.clusters if c.name in self._cordoned]
         failure: ApiError | None = None
         for cluster in self.available() + cordoned:
-            try:
-                return await cluster.client.list_models(request_id=request_id)
-            except ApiError as e:
-                failure = e
-        assert failure is not None
+            for _, client in cluster.routers.clients():
+                try:
+                    return await client.list_models(request_id=request_id)
+                except ApiError as e:
+                    failure = e
+        if failure is None:
+            raise errors.no_router(request_id)
         raise failure
 
     async def unready_reason(self, *, request_id: str) -> str | None:
         """None when some cluster that takes requests can serve one; else why none can."""
         available = self.available()
-        reasons = await asyncio.gather(*(_unready_reason(c.client, request_id) for c in available))
+        reasons = await asyncio.gather(*(_cluster_unready(c, request_id) for c in available))
         if any(reason is None for reason in reasons):
             return None
         if len(self.clusters) == 1:
@@ -118,7 +124,9 @@ class ClusterSet:
     # -- cordons -----------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Watch cordons, when there is a registry to watch."""
+        """Watch cordons, when there is a registry to watch, and discovered routers."""
+        for cluster in self.clusters:
+            await cluster.routers.start()
         if self._registry is not None and self._watcher is None:
             self._watcher = asyncio.create_task(self._watch_cordons(), name="edge-cordons")
 
@@ -128,6 +136,8 @@ class ClusterSet:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watcher
             self._watcher = None
+        for cluster in self.clusters:
+            await cluster.routers.stop()
 
     async def wait_for_cordons(self, expected: Set[str], timeout_s: float = 10.0) -> None:
         """Until exactly `expected` are cordoned (the watch has caught up with the registry)."""
@@ -156,6 +166,8 @@ class ClusterStream:
         self.request_id = request.request_id
         self._clusters = clusters
         self._untried = list(clusters.available())
+        self._cluster: Cluster | None = None  # the cluster whose routers are being tried
+        self._routers: list[tuple[str, GenerationClient]] = []  # its routers not yet tried
         self._request = generation_pb2.GenerateRequest()
         self._request.CopyFrom(request)
         self._request.return_token_ids = True  # to resume with, should the stream break
@@ -177,10 +189,11 @@ class ClusterStream:
                 if outcome is None:
                     raise
                 log.info(
-                    "generation moves to another cluster",
+                    "generation moves to another router",
                     request_id=self.request_id,
                     from_cluster=attempt.cluster.name,
-                    to_cluster=to,
+                    from_router=attempt.router,
+                    to=to,
                     outcome=outcome,
                     why=e.upstream,
                     resumed_tokens=len(self._streamed),
@@ -204,18 +217,44 @@ class ClusterStream:
             self._attempt = None
 
     def _start(self) -> _Attempt:
-        cluster = self._next_cluster(take=True)
-        if cluster is None:  # cordoned since `generate` (a move on always has a next cluster)
-            raise errors.all_cordoned(self.request_id)
-        is_last = self._next_cluster(take=False) is None
+        target = self._next_router()
+        if target is None:  # cordoned since `generate`, or no router is known
+            if not self._clusters.available():
+                raise errors.all_cordoned(self.request_id)
+            raise errors.no_router(self.request_id)
+        cluster, router, client = target
+        is_last = self._peek() is None
         del self._request.resume_token_ids[:]
         self._request.resume_token_ids.extend(self._streamed)
         remaining_s = self._deadline - asyncio.get_running_loop().time()
-        stream = cluster.client.generate(
+        stream = client.generate(
             self._request, spill=not is_last, timeout_s=max(remaining_s, 0.001)
         )
-        self._attempt = _Attempt(cluster, stream)
+        self._attempt = _Attempt(cluster, stream, router)
         return self._attempt
+
+    def _next_router(self) -> tuple[Cluster, str, GenerationClient] | None:
+        """The next router to try: the current cluster's next, else the next cluster's first."""
+        while True:
+            if self._cluster is not None and self._cluster.name in self._clusters.cordoned:
+                self._routers = []
+            if self._routers:
+                assert self._cluster is not None
+                address, client = self._routers.pop(0)
+                return self._cluster, address, client
+            self._cluster = self._next_cluster(take=True)
+            if self._cluster is None:
+                return None
+            self._routers = self._cluster.routers.clients()
+
+    def _peek(self) -> str | None:
+        """Where the request would go after this attempt ("cluster/router"), if anywhere."""
+        if self._routers and self._cluster is not None:
+            return f"{self._cluster.name}/{self._routers[0][0]}"
+        for cluster in self._untried:
+            if cluster.name not in self._clusters.cordoned and cluster.routers.addresses:
+                return f"{cluster.name}/{cluster.routers.addresses[0]}"
+        return None
 
     def _next_cluster(self, *, take: bool) -> Cluster | None:
         """The next untried cluster that is not cordoned now (removed from the list if `take`)."""
@@ -232,23 +271,39 @@ class ClusterStream:
         """(the attempt's outcome, the next cluster) when the error sends the request on."""
         table = _MOVE_MID_STREAM if attempt.received else _MOVE_BEFORE_FIRST_MESSAGE
         outcome = table.get(error.grpc_status) if error.grpc_status else None
-        following = self._next_cluster(take=False)
+        following = self._peek()
         if outcome is None or following is None:
             return None, ""
-        return outcome, following.name
+        return outcome, following
 
 
 @dataclass(slots=True)
 class _Attempt:
     cluster: Cluster
     stream: GenerationStream
-    received: bool = False  # a message came from this cluster
+    router: str
+    received: bool = False  # a message came from this router
     ended: bool = False
 
     def end(self, outcome: str) -> None:
         if not self.ended:
             self.ended = True
             metrics.EDGE_CLUSTER_REQUESTS.labels(self.cluster.name, outcome).inc()
+
+
+async def _cluster_unready(cluster: Cluster, request_id: str) -> str | None:
+    """None when one of the cluster's routers can serve a generation; else why none can."""
+    routers = cluster.routers.clients()
+    if not routers:
+        return "no router is known"
+    reasons = await asyncio.gather(*(_unready_reason(c, request_id) for _, c in routers))
+    if any(reason is None for reason in reasons):
+        return None
+    if len(routers) == 1:
+        return reasons[0]
+    return "; ".join(
+        f"{address}: {why}" for (address, _), why in zip(routers, reasons, strict=True)
+    )
 
 
 async def _unready_reason(client: GenerationClient, request_id: str) -> str | None:

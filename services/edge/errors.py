@@ -158,6 +158,16 @@ def incomplete_stream(request_id: str) -> RouterError:
     )
 
 
+def no_router(request_id: str) -> ApiError:
+    """No cluster that takes requests has a router the edge knows of (discovery found none)."""
+    return ApiError(
+        f"no router is available; retry later (request id {request_id})",
+        status=503,
+        type="server_error",
+        code="service_unavailable",
+    )
+
+
 def all_cordoned(request_id: str) -> ApiError:
     """Every cluster the edge fronts is cordoned: none takes new requests."""
     return ApiError(

@@ -29,13 +29,12 @@ import grpc
 import structlog
 import uvicorn
 
-from kvmesh.rpc import open_channel
 from services.edge.app import create_app
-from services.edge.args import EdgeConfig
-from services.edge.client import GenerationClient
+from services.edge.args import EdgeConfig, router_addresses
 from services.edge.clusters import Cluster, ClusterSet
 from services.edge.errors import StartupError
 from services.edge.protocol import with_header_timeout
+from services.edge.routers import RouterSet
 
 log = structlog.get_logger(__name__)
 
@@ -120,24 +119,16 @@ class RunningEdge:
 
 async def serve_in_background(
     config: EdgeConfig,
-    channels: grpc.aio.Channel | Mapping[str, grpc.aio.Channel],
+    channels: grpc.aio.Channel | Mapping[str, grpc.aio.Channel] | None = None,
     *,
     handle_signals: bool = False,
 ) -> RunningEdge:
-    """Start the edge on the routers' channels (the caller closes them, after `stop`): one
-    channel for a config of one cluster, else cluster name -> channel. Return once it listens."""
+    """Start the edge; return once it listens. Its routers: the config's addresses (the edge
+    opens and closes the channels), or `channels` the caller owns and closes after `stop`
+    (one channel for a config of one cluster, else cluster name -> channel)."""
+    given = _by_cluster(config, channels) if channels is not None else None
     clusters = ClusterSet(
-        [
-            Cluster(
-                name,
-                GenerationClient(
-                    channel,
-                    request_timeout_s=config.request_timeout_s,
-                    probe_timeout_s=config.probe_timeout_s,
-                ),
-            )
-            for name, channel in _by_cluster(config, channels).items()
-        ],
+        [_cluster(config, name, addresses, given) for name, addresses in config.clusters],
         home=config.home,
         request_timeout_s=config.request_timeout_s,
         registry=config.registry,
@@ -177,6 +168,29 @@ async def serve_in_background(
     return RunningEdge(str(host), int(port), clusters, server, task, scheme)
 
 
+def _cluster(
+    config: EdgeConfig,
+    name: str,
+    addresses: str,
+    channels: Mapping[str, grpc.aio.Channel] | None,
+) -> Cluster:
+    if channels is not None:
+        routers = RouterSet(
+            channels={addresses: channels[name]},
+            request_timeout_s=config.request_timeout_s,
+            probe_timeout_s=config.probe_timeout_s,
+        )
+    else:
+        routers = RouterSet(
+            addresses=router_addresses(addresses),
+            registry=config.registry if config.discover_routers else None,
+            datacenter=name if len(config.clusters) > 1 else None,  # else the registry's own
+            request_timeout_s=config.request_timeout_s,
+            probe_timeout_s=config.probe_timeout_s,
+        )
+    return Cluster(name, routers)
+
+
 def _by_cluster(
     config: EdgeConfig, channels: grpc.aio.Channel | Mapping[str, grpc.aio.Channel]
 ) -> dict[str, grpc.aio.Channel]:
@@ -201,19 +215,15 @@ async def _serve_until_stopped(server: _Server, clusters: ClusterSet) -> None:
 
 async def serve(config: EdgeConfig) -> None:
     """The edge process: serve until SIGTERM / SIGINT, then stop cleanly."""
-    channels = {name: open_channel(address) for name, address in config.clusters}
-    try:
-        edge = await serve_in_background(config, channels, handle_signals=True)
-        print(f"edge listening on {edge.url}", flush=True)
-        log.info(
-            "edge serving",
-            url=edge.url,
-            clusters=dict(config.clusters),
-            home=config.home,
-            registry=config.registry,
-        )
-        await edge.wait()
-    finally:
-        for channel in channels.values():
-            await channel.close(grace=None)
+    edge = await serve_in_background(config, handle_signals=True)
+    print(f"edge listening on {edge.url}", flush=True)
+    log.info(
+        "edge serving",
+        url=edge.url,
+        clusters=dict(config.clusters),
+        home=config.home,
+        registry=config.registry,
+        discover_routers=config.discover_routers,
+    )
+    await edge.wait()
     log.info("edge stopped")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -10,7 +11,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from kvmesh.api.v1 import common_pb2, generation_pb2
-from kvmesh.discovery import Discovery
+from kvmesh.discovery import Discovery, Registration
 from kvmesh.discovery.keys import CORDON_PREFIX, cordon_key
 from kvmesh.discovery.registry import EmbeddedRegistry
 from kvmesh.rpc import RpcServer, open_channel
@@ -282,3 +283,52 @@ async def test_a_dead_home_router_fails_over() -> None:
         for channel in channels.values():
             await channel.close()
         await server.stop(0)
+
+
+async def test_one_clusters_routers_found_in_discovery_balance_and_resume_a_broken_stream() -> None:
+    """`--discover-routers`: the passing `kvmesh-router` instances of the registry; requests
+    take them in turn, and a stream whose router breaks resumes on the other."""
+    first, first_server = await start_fake_router()
+    second, second_server = await start_fake_router()
+    async with (
+        EmbeddedRegistry(["dc1"], port=0) as registry,
+        Discovery(registry.address()) as discovery,
+    ):
+        for i, server in enumerate((first_server, second_server)):
+            host, _, port = server.address.rpartition(":")
+            registration = Registration(
+                name="kvmesh-router", service_id=f"router-{i}", address=host, port=int(port),
+                ttl_s=30,
+            )  # fmt: skip
+            await discovery.register(registration)
+            await discovery.pass_ttl(registration.check_id)
+        config = EdgeConfig(
+            port=0,
+            clusters=(("default", "127.0.0.1:1"),),  # nothing there: discovery replaces it
+            registry=registry.address(),
+            discover_routers=True,
+            shutdown_grace_s=0,
+        )
+        try:
+            async with (
+                await serve_in_background(config) as running,
+                httpx.AsyncClient(base_url=running.url, timeout=10) as client,
+            ):
+                deadline = asyncio.get_running_loop().time() + 10
+                while len(running.clusters.clusters[0].routers.addresses) < 2:
+                    assert asyncio.get_running_loop().time() < deadline, "routers not found"
+                    await asyncio.sleep(0.05)  # the discovery watch's first answer
+                for _ in range(4):
+                    assert (await client.post(CHAT, json=ASK)).status_code == 200
+                assert len(first.requests) == len(second.requests) == 2  # round robin
+                first.reset()
+                second.reset()
+                first.break_after = 2  # a router that dies mid-stream
+                for _ in range(2):  # round robin: one of them starts on it
+                    response = await client.post(CHAT, json=ASK | {"stream": True, "max_tokens": 5})
+                    assert sse_content(response.text) == ("one two three four five", [])
+                resumed = [list(r.resume_token_ids) for r in second.requests if r.resume_token_ids]
+                assert resumed == [[100, 101]]
+        finally:
+            await first_server.stop(0)
+            await second_server.stop(0)
