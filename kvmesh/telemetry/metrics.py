@@ -150,6 +150,15 @@ ROUTER_MIGRATIONS = Counter(
 ROUTER_PREFILL_RETRIES = Counter(
     "kvmesh_router_prefill_retries_total", "Prefills retried on another worker."
 )
+ROUTER_EJECTIONS = Counter(
+    "kvmesh_router_ejections_total",
+    "Workers ejected as outliers (consecutive failures, success rate or latency), by tier.",
+    ["tier"],
+)
+ROUTER_RETRIES_DENIED = Counter(
+    "kvmesh_router_retries_denied_total",
+    "Retries (prefill retries, decode migrations) refused because the retry budget was spent.",
+)
 ROUTER_REQUESTS = Counter(
     "kvmesh_router_requests_total", "Generate requests by outcome.", ["path", "outcome"]
 )

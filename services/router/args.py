@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from kvmesh import options
 from kvmesh.rpc import ServerConfig
 from kvmesh.security.roles import Role
+from services.router.outliers import OutlierConfig
 from services.router.policy import POLICIES, PolicyConfig
 
 _SERVER = ServerConfig()
@@ -37,6 +38,9 @@ class RouterConfig:
     max_in_flight: int = 512  # requests running at once; more wait in the queue (0: no limit)
     max_queue: int = 1024  # requests waiting for a slot; past it, RESOURCE_EXHAUSTED at once
     kv_datacenter: str | None = None  # where shared KV keys (wake) go; None: the agent's own
+    outliers: OutlierConfig = field(default_factory=OutlierConfig)  # ejection (outliers.py)
+    retry_budget_share: float = 0.2  # retries in flight at most this share of requests
+    retry_budget_min: int = 3  # but always this many
 
 
 _DEFAULTS = RouterConfig()
@@ -64,6 +68,38 @@ def parse(argv: list[str] | None = None) -> tuple[RouterConfig, str]:
         "--only-workers",
         default="",
         help="comma-separated worker ids: route only to these (default: every worker)",
+    )
+    ejection = parser.add_argument_group("outlier ejection and the retry budget")
+    outliers = OutlierConfig()
+    ejection.add_argument(
+        "--outlier-consecutive-failures",
+        type=int,
+        default=outliers.consecutive_failures,
+        help="eject a worker after this many failed calls in a row",
+    )
+    ejection.add_argument(
+        "--outlier-base-ejection-s",
+        type=float,
+        default=outliers.base_ejection_s,
+        help="the first ejection's length; each repeat doubles it",
+    )
+    ejection.add_argument(
+        "--outlier-max-ejected-share",
+        type=float,
+        default=outliers.max_ejected_share,
+        help="at most this share of a tier ejected at once (always one may be)",
+    )
+    ejection.add_argument(
+        "--retry-budget-share",
+        type=float,
+        default=_DEFAULTS.retry_budget_share,
+        help="retries in flight at most this share of the requests in flight",
+    )
+    ejection.add_argument(
+        "--retry-budget-min",
+        type=int,
+        default=_DEFAULTS.retry_budget_min,
+        help="retries always allowed in flight, whatever the share",
     )
     admission = parser.add_argument_group("admission (shedding, wake on request)")
     admission.add_argument(
@@ -171,6 +207,13 @@ def parse(argv: list[str] | None = None) -> tuple[RouterConfig, str]:
         max_in_flight=args.max_in_flight,
         max_queue=args.max_queue,
         kv_datacenter=args.kv_datacenter,
+        outliers=OutlierConfig(
+            consecutive_failures=args.outlier_consecutive_failures,
+            base_ejection_s=args.outlier_base_ejection_s,
+            max_ejected_share=args.outlier_max_ejected_share,
+        ),
+        retry_budget_share=args.retry_budget_share,
+        retry_budget_min=args.retry_budget_min,
     )
     if config.max_in_flight < 0 or config.max_queue < 0:
         parser.error("--max-in-flight and --max-queue must not be negative")

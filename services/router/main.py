@@ -16,6 +16,7 @@ from kvmesh.text import load_tokenizer
 from services.router.admission import Admission
 from services.router.args import RouterConfig
 from services.router.index import PrefixIndex
+from services.router.outliers import OutlierDetector
 from services.router.planning import Planner
 from services.router.policy import Router
 from services.router.pool import WorkerPool
@@ -40,6 +41,7 @@ async def run_router(config: RouterConfig) -> None:
         index=index,
         only_workers=config.only_workers,
         kv_stall_s=config.kv_stall_s,
+        outliers=OutlierDetector(config.outliers),
     )
     planner = Planner(
         pool, Router(config.policy, index), disagg_min_tokens=config.disagg_min_tokens

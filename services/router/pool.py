@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -33,10 +32,10 @@ from kvmesh.telemetry import metrics
 from kvmesh.tiers import TIERS
 from services.router.index import PrefixIndex
 from services.router.kv_watch import KvEventFollower
+from services.router.outliers import OutlierDetector
 
 log = structlog.get_logger(__name__)
 
-_FAILURE_COOLDOWN_S = 2.0
 _LEFT_WORKER_GRACE_S = 600.0  # a worker that left keeps its channel this long for its requests
 
 
@@ -51,7 +50,6 @@ class Worker:
     load: worker_pb2.LoadReport = field(default_factory=worker_pb2.LoadReport)
     in_flight: int = 0
     pending_tokens: int = 0  # prompt tokens sent to prefill here and not yet returned
-    failed_at: float = -1e9
     watcher: asyncio.Task[None] | None = None
     kv_follower: asyncio.Task[None] | None = None
     idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while in_flight == 0
@@ -85,13 +83,6 @@ class Worker:
         self.pending_tokens -= prefill_tokens
         metrics.ROUTER_WORKER_IN_FLIGHT.labels(self.tier, self.worker_id).set(self.in_flight)
 
-    def mark_failed(self) -> None:
-        self.failed_at = time.monotonic()
-
-    @property
-    def recently_failed(self) -> bool:
-        return time.monotonic() - self.failed_at < _FAILURE_COOLDOWN_S
-
 
 class WorkerPool:
     def __init__(
@@ -102,10 +93,13 @@ class WorkerPool:
         index: PrefixIndex | None = None,
         kv_stall_s: float = 5.0,
         only_workers: Iterable[str] = (),
+        outliers: OutlierDetector | None = None,
     ) -> None:
         self._discovery = discovery
         self._load_interval_ms = load_interval_ms
         self.index = index if index is not None else PrefixIndex()
+        self.outliers = outliers if outliers is not None else OutlierDetector()
+        metrics.zero(metrics.ROUTER_EJECTIONS, *TIERS)
         self._kv_stall_s = kv_stall_s
         self._only = frozenset(only_workers)  # empty: every worker discovery lists
         self._workers: dict[str, dict[str, Worker]] = {tier: {} for tier in TIERS}
@@ -140,7 +134,7 @@ class WorkerPool:
         self, tier: str, exclude: Iterable[str] = (), *, paired_with: Worker | None = None
     ) -> list[Worker]:
         """Ready workers of `tier` but `exclude` (and, given `paired_with`, only those that pair
-        with it), without recent failures unless all failed."""
+        with it), without those ejected as outliers unless every one is."""
         excluded = set(exclude)
         ready = [
             w
@@ -148,7 +142,7 @@ class WorkerPool:
             if w.worker_id not in excluded
             and (paired_with is None or self.incompatibility(w, paired_with) is None)
         ]
-        return [w for w in ready if not w.recently_failed] or ready
+        return [w for w in ready if not self.outliers.is_ejected(w.worker_id)] or ready
 
     def incompatibility(self, a: Worker, b: Worker) -> str | None:
         """Why a prefill and a decode worker (either order) cannot pair; None if they can."""
@@ -239,6 +233,7 @@ class WorkerPool:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self.index.remove_worker(worker.worker_id)
+        self.outliers.forget(worker.worker_id)
         for key in [k for k in self._incompatible if worker.worker_id in k]:
             del self._incompatible[key]
         if worker.in_flight > 0 and not at_once:

@@ -45,6 +45,7 @@ from kvmesh.validation import validate_request
 from kvmesh.worker import convert
 from services.router.admission import Admission
 from services.router.args import RouterConfig
+from services.router.outliers import RetryBudget
 from services.router.planning import Plan, Planner
 from services.router.pool import WorkerPool
 from services.router.stream import PREFILL, RequestStream
@@ -84,6 +85,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         self._tokenizer = tokenizer
         self._model_id = model_id
         self._background: set[asyncio.Task[None]] = set()
+        admission_ = self._admission
+        self._retries = RetryBudget(
+            in_flight=lambda: admission_.in_flight,
+            budget_share=config.retry_budget_share,
+            min_retries=config.retry_budget_min,
+        )
         paths = ("aggregated", "disaggregated", "resumed")
         metrics.zero(metrics.ROUTER_REQUESTS, *((p, o) for p in paths for o in ("ok", "error")))
 
@@ -234,22 +241,28 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             chosen = decision.chosen
             if chosen is None:
                 return None
+            if attempt and not self._retries.acquire():
+                log.warning("prefill retry refused: the retry budget is spent; going aggregated")
+                return None
             worker = chosen.worker
             tried.add(worker.worker_id)
             worker.begin(chosen.new_tokens)
+            started = asyncio.get_running_loop().time()
             try:
-                started = asyncio.get_running_loop().time()
                 response: worker_pb2.PrefillResponse = await worker.prefill.Prefill(
                     request, timeout=self._config.prefill_timeout_s
                 )
                 stream.prefill_s = asyncio.get_running_loop().time() - started
                 stream.cached_prompt_tokens = response.num_cached_tokens
+                self._pool.outliers.record(
+                    worker.worker_id, "prefill", ok=True, seconds=stream.prefill_s
+                )
                 return response
             except grpc.aio.AioRpcError as e:
                 if e.code() not in _MIGRATABLE | {grpc.StatusCode.DEADLINE_EXCEEDED}:
                     raise from_rpc_error(e) from e
                 _count_engine_failure(stream, e)
-                worker.mark_failed()
+                self._pool.outliers.record(worker.worker_id, "prefill", ok=False)
                 metrics.ROUTER_PREFILL_RETRIES.inc()
                 log.warning(
                     "prefill failed; trying another worker",
@@ -259,6 +272,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 )
             finally:
                 worker.end(chosen.new_tokens)
+                if attempt:
+                    self._retries.release()
         return None
 
     async def _decode(
@@ -271,6 +286,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 decision = self._planner.again(plan, "decode", exclude=failed)
             if decision.chosen is None:
                 raise UnavailableError("no decode worker is available")
+            retrying = bool(failed)
+            if retrying and not self._retries.acquire():
+                raise UnavailableError("decode failed and the router's retry budget is spent")
             worker = decision.chosen.worker
             request = worker_pb2.DecodeRequest(
                 request_id=stream.request_id,
@@ -283,9 +301,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 request.kv_handle.CopyFrom(handle)
             worker.begin()
             call = worker.decode.Decode(request)
+            started, tokens = asyncio.get_running_loop().time(), 0
             try:
                 first = True
                 async for message in call:
+                    tokens += len(message.token_ids)
                     if first and handle is None:  # aggregated: the decode worker prefilled
                         stream.cached_prompt_tokens = max(
                             stream.cached_prompt_tokens, message.num_cached_tokens
@@ -297,6 +317,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                         message.finish_reason,
                         message.stop_reason,
                     )
+                    if stream.finished:
+                        elapsed = asyncio.get_running_loop().time() - started
+                        self._pool.outliers.record(
+                            worker.worker_id, "decode", ok=True, seconds=elapsed / max(tokens, 1)
+                        )
                     if response is not None:
                         yield response
                     if stream.finished:
@@ -324,7 +349,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                     if e.code() not in _MIGRATABLE:
                         raise from_rpc_error(e) from e
                     _count_engine_failure(stream, e)
-                worker.mark_failed()
+                self._pool.outliers.record(worker.worker_id, "decode", ok=False)
                 failed.add(worker.worker_id)
                 handle = None  # the new worker prefills prompt + tokens so far itself
                 stream.migrations += 1
@@ -340,6 +365,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             finally:
                 call.cancel()
                 worker.end()
+                if retrying:
+                    self._retries.release()
 
     # -- helpers -----------------------------------------------------------------------------------
 

@@ -140,12 +140,14 @@ def test_a_short_prompt_stays_aggregated_without_that_reason() -> None:
     assert decisions(NO_COMPATIBLE_PREFILL) == before
 
 
-def test_a_recently_failed_compatible_worker_beats_an_incompatible_healthy_one() -> None:
+def test_an_ejected_compatible_worker_beats_an_incompatible_healthy_one() -> None:
     pool = new_pool()
     good = join(pool, worker("good", "prefill"))
     join(pool, worker("other", "prefill"), dtype="bf16")
     d = join(pool, worker("d", "decode"))
-    good.mark_failed()
+    for _ in range(pool.outliers.config.consecutive_failures):
+        pool.outliers.record("good", "prefill", ok=False)
+    assert pool.outliers.is_ejected("good")
     assert pool.candidates("prefill", paired_with=d) == [good]
 
 
@@ -232,4 +234,4 @@ async def test_a_refused_handle_is_released_and_decode_runs_there_without_it() -
     for task in list(servicer._background):
         await task
     assert released == ["r"]
-    assert stream.migrations == 0 and not d.recently_failed
+    assert stream.migrations == 0 and not pool.outliers.is_ejected(d.worker_id)
