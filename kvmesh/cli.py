@@ -641,6 +641,58 @@ def bench_admission(
     _emit(result, json_out)
 
 
+@main.command("soak")
+@click.option("--minutes", default=2.0, show_default=True, help="how long the traffic runs")
+@click.option("--rate", default=5.0, show_default=True, help="requests a second (Poisson)")
+@click.option("--kill-every", default=30.0, show_default=True, help="seconds between kills")
+@click.option(
+    "--targets",
+    default=",".join(("prefill", "decode", "router", "registry")),
+    show_default=True,
+    help="comma-separated: which processes the chaos kills",
+)
+@click.option("--max-tokens", default=24, show_default=True)
+@click.option("--speed", default=1.0, show_default=True, help="the sim engine's speed (1: an H100)")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--json-out", type=click.Path(path_type=Path), default=None)
+def soak(
+    minutes: float,
+    rate: float,
+    kill_every: float,
+    targets: str,
+    max_tokens: int,
+    speed: float,
+    seed: int,
+    json_out: Path | None,
+) -> None:
+    """Traffic through `kvmesh up --routers 2 --prefill 2 --decode 2` (sim workers,
+    supervised) while one random target is SIGKILLed every --kill-every seconds: failures by
+    status, TTFT / ITL, greedy answers that differ, leaks."""
+    from kvmesh.bench import soak as chaos
+
+    chosen = tuple(t.strip() for t in targets.split(",") if t.strip())
+    unknown = sorted(set(chosen) - set(chaos.TARGETS))
+    if unknown or not chosen:
+        raise click.BadParameter(
+            f"unknown targets {unknown}; choose from {', '.join(chaos.TARGETS)}",
+            param_hint="--targets",
+        )
+    if minutes <= 0 or rate <= 0 or kill_every <= 0 or max_tokens < 1 or speed <= 0:
+        raise click.BadParameter("minutes, rate, kill-every and speed > 0; max-tokens >= 1")
+    result = asyncio.run(
+        chaos.run(
+            minutes=minutes,
+            rate=rate,
+            kill_every_s=kill_every,
+            targets=chosen,
+            max_tokens=max_tokens,
+            speed=speed,
+            seed=seed,
+        )
+    )
+    _emit(result, json_out)
+
+
 @main.command("bench")
 @click.option("--url", default=None, help="an OpenAI-compatible server: http://host:port")
 @click.option("--grpc", default=None, help="kvmesh's Generation API (the router): host:port")
