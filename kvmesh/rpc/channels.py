@@ -20,6 +20,7 @@ from kvmesh.rpc.interceptors import REQUEST_ID_KEY
 from kvmesh.rpc.server import MAX_MESSAGE_BYTES
 from kvmesh.security import tls
 from kvmesh.security.tls import TlsIdentity
+from kvmesh.telemetry import tracing
 
 # Unary methods that are safe to send twice.
 IDEMPOTENT_METHODS: tuple[tuple[str, str], ...] = (
@@ -97,12 +98,19 @@ def open_channel(
 
 
 def _with_request_id(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+    """The call's metadata with the request id (from structlog's contextvars) and the trace
+    context (`traceparent`) of the caller's current span."""
     request_id = structlog.contextvars.get_contextvars().get("request_id")
-    if request_id is None:
+    carrier: dict[str, str] = {}
+    tracing.inject(carrier)
+    if request_id is None and not carrier:
         return details
     metadata = grpc.aio.Metadata(*(details.metadata or ()))
-    if REQUEST_ID_KEY not in metadata:
+    if request_id is not None and REQUEST_ID_KEY not in metadata:
         metadata.add(REQUEST_ID_KEY, str(request_id))
+    for key, value in carrier.items():
+        if key not in metadata:
+            metadata.add(key, value)
     return grpc.aio.ClientCallDetails(
         details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
     )

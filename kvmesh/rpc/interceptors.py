@@ -18,11 +18,12 @@ from typing import Any, Protocol
 
 import grpc
 import structlog
+from opentelemetry.trace import Status, StatusCode
 
 from kvmesh.rpc.errors import status_of
 from kvmesh.security import authz
 from kvmesh.security.tls import peer_role
-from kvmesh.telemetry import metrics
+from kvmesh.telemetry import metrics, tracing
 
 log = structlog.get_logger(__name__)
 
@@ -114,14 +115,29 @@ class _Call:
         self.bound = structlog.contextvars.bound_contextvars(
             request_id=self.request_id, rpc=f"{service}/{name}"
         )
+        self.span = tracing.server_span(
+            f"{service}/{name}",
+            self.metadata,
+            {
+                "rpc.system": "grpc",
+                "rpc.service": service,
+                "rpc.method": name,
+                "kvmesh.request_id": self.request_id,
+            },
+        )
 
     def __enter__(self) -> _Call:
+        self.current_span = self.span.__enter__()
         self.bound.__enter__()
         self.context.set_trailing_metadata(((REQUEST_ID_KEY, self.request_id),))
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.bound.__exit__(*exc)
+        self.current_span.set_attribute("rpc.grpc.status_code", self.code.value[0])
+        if self.code not in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):
+            self.current_span.set_status(Status(StatusCode.ERROR, self.code.name))
+        self.span.__exit__(*exc)
         metrics.RPC_SERVER_HANDLED.labels(self.service, self.name, self.code.name).inc()
         metrics.RPC_SERVER_HANDLING_SECONDS.labels(self.service, self.name).observe(
             time.perf_counter() - self.started

@@ -274,5 +274,5 @@ def main(tier: Tier, tier_binding: Callable[[WorkerRuntime], ServiceBinding]) ->
     add_worker_arguments(parser)
     args = parser.parse_args()
     options.configure_security(args, Role(tier.value))
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, service=f"kvmesh-{tier.value}")
     asyncio.run(run_worker(config_from_arguments(tier, args), tier_binding))

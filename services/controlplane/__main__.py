@@ -7,7 +7,7 @@ from services.controlplane.actuator import ActuatorError
 from services.controlplane.main import parse, run_controlplane
 
 config, log_level = parse()
-configure_logging(log_level)
+configure_logging(log_level, service="kvmesh-controlplane")
 try:
     asyncio.run(run_controlplane(config))
 except (ActuatorError, DiscoveryError) as e:  # no credentials, no registry: say so, no trace

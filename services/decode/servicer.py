@@ -33,7 +33,7 @@ from kvmesh.kv.hashing import root_hash
 from kvmesh.kv.layout import compatible
 from kvmesh.rpc import RpcCallError, ServiceBinding
 from kvmesh.sampling import SamplingParams
-from kvmesh.telemetry import metrics
+from kvmesh.telemetry import metrics, tracing
 from kvmesh.types import GenerateRequest, TokenOutput, TransferMode
 from kvmesh.worker import convert
 from kvmesh.worker.leases import release_message
@@ -150,14 +150,20 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
         try:
             if remote:
                 started = time.perf_counter()
-                result = await self._runtime.transfer.read_blocks(
-                    peer,
-                    remote,
-                    plan.blocks_to_fill,
-                    notify=release_message(handle.request_id, handle.release_token),
-                )
+                with tracing.tracer().start_as_current_span("kv.transfer") as span:
+                    span.set_attribute("kvmesh.kv.blocks", len(remote))
+                    span.set_attribute("kvmesh.kv.prefill_worker", handle.worker_id)
+                    result = await self._runtime.transfer.read_blocks(
+                        peer,
+                        remote,
+                        plan.blocks_to_fill,
+                        notify=release_message(handle.request_id, handle.release_token),
+                    )
+                    seconds = time.perf_counter() - started
+                    span.set_attribute("kvmesh.kv.bytes", result.num_bytes)
+                    span.set_attribute("kvmesh.kv.seconds", seconds)
                 metrics.KV_TRANSFER_BYTES.labels("received").inc(result.num_bytes)
-                metrics.KV_TRANSFER_SECONDS.observe(time.perf_counter() - started)
+                metrics.KV_TRANSFER_SECONDS.observe(seconds)
                 if lease_may_have_ended(handle):
                     await self._discard_raced(local_id, handle)
                     return None

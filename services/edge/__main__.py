@@ -16,7 +16,7 @@ from services.edge.server import serve
 
 def main(argv: Sequence[str] | None = None) -> None:
     config = parse_args(argv)
-    configure_logging(config.log_level, json=config.log_json)
+    configure_logging(config.log_level, json=config.log_json, service="kvmesh-edge")
     try:
         asyncio.run(serve(config))
     except StartupError as e:

@@ -14,13 +14,14 @@ import uuid
 from collections.abc import Sequence
 
 import structlog
+from opentelemetry.trace import Status, StatusCode
 from starlette.datastructures import MutableHeaders
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kvmesh.rpc import REQUEST_ID_KEY
-from kvmesh.telemetry import metrics
+from kvmesh.telemetry import metrics, tracing
 from services.edge.errors import InvalidRequestError
 
 log = structlog.get_logger(__name__)
@@ -63,13 +64,29 @@ class RequestContextMiddleware:
 
         in_flight = metrics.EDGE_HTTP_REQUESTS_IN_FLIGHT.labels(route)
         in_flight.inc()
+        carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        span = tracing.server_span(
+            f"{scope['method']} {route}",
+            carrier,  # a client's `traceparent` makes this span its child
+            {
+                "http.request.method": scope["method"],
+                "http.route": route,
+                "url.path": scope["path"],
+                "kvmesh.request_id": request_id,
+            },
+        )
         try:
-            with structlog.contextvars.bound_contextvars(request_id=request_id):
-                if presented_ok:
-                    await self.app(scope, receive, send_with_id)
-                else:
-                    error = InvalidRequestError(_BAD_REQUEST_ID, param=REQUEST_ID_KEY)
-                    await JSONResponse(error.body(), error.status)(scope, receive, send_with_id)
+            with span as current, structlog.contextvars.bound_contextvars(request_id=request_id):
+                try:
+                    if presented_ok:
+                        await self.app(scope, receive, send_with_id)
+                    else:
+                        error = InvalidRequestError(_BAD_REQUEST_ID, param=REQUEST_ID_KEY)
+                        await JSONResponse(error.body(), error.status)(scope, receive, send_with_id)
+                finally:
+                    current.set_attribute("http.response.status_code", status)
+                    if status >= 500:
+                        current.set_status(Status(StatusCode.ERROR, str(status)))
         finally:
             in_flight.dec()
             elapsed = time.perf_counter() - started

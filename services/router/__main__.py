@@ -5,5 +5,5 @@ from services.router import args
 from services.router.main import run_router
 
 config, log_level = args.parse()
-configure_logging(log_level)
+configure_logging(log_level, service="kvmesh-router")
 asyncio.run(run_router(config))
