@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run chat test setup model proto proto-check lint typecheck unit integration e2e bench-engine check-accuracy clean
+.PHONY: run chat test setup tools model proto proto-check lint typecheck unit integration e2e bench-engine check-accuracy clean
 
 run: model ## start the whole mesh on the default model (Ctrl-C stops it)
 	$(BIN)/kvmesh up
@@ -13,10 +13,19 @@ run: model ## start the whole mesh on the default model (Ctrl-C stops it)
 chat: model ## chat with the default model through the engine alone
 	$(BIN)/kvmesh chat
 
-test: setup lint typecheck ## lint, type-check and run every test
+test: setup tools lint typecheck ## lint, type-check and run every test
 	$(BIN)/pytest
 
 setup: $(STAMP)
+
+# Debian's prometheus package, for the test that scrapes a running mesh with a real Prometheus
+# (and promtool for the alert rules). Best effort: where it cannot be installed (no apt, not
+# root, no network) those tests skip and say why.
+tools:
+	@command -v prometheus >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  { timeout 300 apt-get update -q >/dev/null 2>&1; DEBIAN_FRONTEND=noninteractive \
+	    timeout 300 apt-get install -y -q prometheus >/dev/null 2>&1; }; } || \
+	  echo "prometheus not installed: its tests will skip"
 
 # torch first, the CPU build (pip takes it from the local wheel here), so that nothing
 # later pulls a CUDA build; then kvmesh and its pinned dependencies; then the default model,

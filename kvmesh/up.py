@@ -186,6 +186,7 @@ class Mesh:
         else:
             targets = [a for c, r in listed.items() for a in ("--cluster", f"{c}={r}")]
         targets += ["--registry", self.registry_address, "--discover-routers"]
+        self._write_prometheus_config()
         edge = await self._spawn(
             "edge",
             [*py, "services.edge", "--host", config.host, "--port", str(config.edge_port),
@@ -422,6 +423,21 @@ class Mesh:
             self._supervise(name)
         return child
 
+    @property
+    def prometheus_config(self) -> Path:
+        return self.config.log_dir / "prometheus.yml"
+
+    def _write_prometheus_config(self) -> None:
+        """A Prometheus configuration for this mesh (`prometheus.yml` next to the logs)."""
+        edge_port = self.config.edge_port
+        text = prometheus_config(
+            self.registries,
+            edge=f"{self.config.host}:{edge_port}" if edge_port else None,
+            rules=ALERT_RULES if ALERT_RULES.exists() else None,
+        )
+        self.prometheus_config.parent.mkdir(parents=True, exist_ok=True)
+        self.prometheus_config.write_text(text)
+
     def _registry_data_dir(self) -> Path:
         """Under the log directory, emptied at each `up`: the registry keeps its state across
         its own restarts (supervision, a crash), a new mesh starts empty."""
@@ -470,6 +486,42 @@ class Mesh:
         code = await child.process.wait()
         if not self._stopping.is_set():
             print(f"kvmesh up: {child.name} exited with code {code}", file=sys.stderr)
+
+
+ALERT_RULES = Path(__file__).resolve().parents[1] / "deploy" / "prometheus" / "alerts.yml"
+
+
+def prometheus_config(
+    registries: dict[str, str], *, edge: str | None, rules: Path | None, interval_s: int = 5
+) -> str:
+    """Prometheus's YAML for a mesh: the services through the first registry agent's HTTP
+    service discovery (`/v1/kvmesh/prometheus/targets`: every datacenter's passing instances
+    with a metrics port), the edge at its address, the alert rules."""
+    agent = next(iter(registries.values()))
+    url = agent if "://" in agent else f"http://{agent}"
+    lines = [
+        "# Written by `kvmesh up`: prometheus --config.file=<this file>",
+        "global:",
+        f"  scrape_interval: {interval_s}s",
+        f"  evaluation_interval: {interval_s}s",
+    ]
+    if rules is not None:
+        lines += ["rule_files:", f"  - {rules}"]
+    lines += [
+        "scrape_configs:",
+        "  - job_name: kvmesh",
+        "    http_sd_configs:",
+        f"      - url: {url}/v1/kvmesh/prometheus/targets",
+        f"        refresh_interval: {interval_s}s",
+    ]
+    if edge is not None:
+        lines += [
+            "  - job_name: kvmesh-edge",
+            "    static_configs:",
+            f"      - targets: ['{edge}']",
+            "        labels: {service: kvmesh-edge}",
+        ]
+    return "\n".join(lines) + "\n"
 
 
 RESTART_BACKOFF_S = 0.5

@@ -14,7 +14,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from kvmesh.discovery.registry import agent_api, catalog_api, kv_api
+from kvmesh.discovery.registry import agent_api, catalog_api, kv_api, prometheus_api
 from kvmesh.discovery.registry.acl import AclConfig
 from kvmesh.discovery.registry.api import AGENT, Agent
 from kvmesh.discovery.registry.errors import RegistryError
@@ -34,6 +34,7 @@ def build_app(
     agent_api.add_routes(app.router)
     catalog_api.add_routes(app.router)
     kv_api.add_routes(app.router)
+    prometheus_api.add_routes(app.router)
     return app
 
 
