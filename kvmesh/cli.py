@@ -6,7 +6,7 @@ import asyncio
 import functools
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from kvmesh.security.tls import TlsIdentity
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 
 _ENGINE_DEFAULTS = EngineConfig()
@@ -679,18 +680,37 @@ def soak(
         )
     if minutes <= 0 or rate <= 0 or kill_every <= 0 or max_tokens < 1 or speed <= 0:
         raise click.BadParameter("minutes, rate, kill-every and speed > 0; max-tokens >= 1")
-    result = asyncio.run(
-        chaos.run(
-            minutes=minutes,
-            rate=rate,
-            kill_every_s=kill_every,
-            targets=chosen,
-            max_tokens=max_tokens,
-            speed=speed,
-            seed=seed,
-        )
+    run = chaos.run(
+        minutes=minutes,
+        rate=rate,
+        kill_every_s=kill_every,
+        targets=chosen,
+        max_tokens=max_tokens,
+        speed=speed,
+        seed=seed,
     )
+    result = asyncio.run(_stopped_by_signals(run))
+    if result is None:
+        raise click.ClickException("stopped by a signal; the mesh was stopped")
     _emit(result, json_out)
+
+
+async def _stopped_by_signals(coroutine: Coroutine[Any, Any, T]) -> T | None:
+    """Run `coroutine`; SIGINT or SIGTERM cancels it (so its cleanup, such as stopping the mesh
+    it started, runs) and gives None."""
+    import signal
+
+    task = asyncio.ensure_future(coroutine)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        return None
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
 
 
 @main.command("bench")
