@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import structlog
@@ -35,8 +36,11 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
         )
         if not 0 < lease_s <= MAX_LEASE_S:
             raise InvalidRequestError(f"lease_ms must be in (0, {int(MAX_LEASE_S * 1000)}]")
+        # The engine's id is this call's own: a request retried here under the same id (its
+        # router died and the edge sent it again) must not meet the export and lease of the
+        # first try, which wait to be read or to expire. The handle names this id.
         engine_request = GenerateRequest(
-            request.request_id,
+            f"{request.request_id}#{uuid.uuid4().hex[:8]}",
             tuple(request.prompt_token_ids),
             convert.sampling_from_proto(request.sampling),
             cache_salt=request.cache_salt,

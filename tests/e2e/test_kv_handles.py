@@ -179,3 +179,16 @@ async def handles_counted(child: Child, outcome: str) -> float:
         "kvmesh_kv_handles_total",
         containing=f'outcome="{outcome}"',
     )
+
+
+async def test_a_prefill_sent_again_under_the_same_request_id_is_served(mesh: Mesh) -> None:
+    """A router that dies after a Prefill leaves its export leased; the edge sends the request
+    again, under the same id, through another router: the prefill worker serves it (each call
+    has its own engine id) instead of refusing the id as in use. Found by killing a router
+    during 20 streams (tests/e2e/test_router_ha.py)."""
+    first = await prefill(mesh, "sent-again", PROMPT_A)
+    second = await prefill(mesh, "sent-again", PROMPT_A)
+    assert first.kv_handle.request_id != second.kv_handle.request_id
+    assert first.kv_handle.request_id.startswith("sent-again#")
+    assert await release(mesh, first.kv_handle, first.kv_handle.release_token)
+    assert await release(mesh, second.kv_handle, second.kv_handle.release_token)

@@ -278,7 +278,7 @@ async def test_decode_refuses_a_handle_it_cannot_read_and_leaks_nothing(
     assert await metric(decode, "kvmesh_engine_kv_blocks_used") == used_before
     async with grpc_channel(prefill) as channel:
         transfer = worker_pb2_grpc.KvTransferStub(channel)
-        release = worker_pb2.ReleaseLeaseRequest(request_id="refused")
+        release = worker_pb2.ReleaseLeaseRequest(request_id=handle.request_id)  # the lease's
         with pytest.raises(grpc.aio.AioRpcError) as not_holder:  # no token: not the holder
             await transfer.ReleaseLease(release)
         assert not_holder.value.code() == grpc.StatusCode.PERMISSION_DENIED
