@@ -205,9 +205,6 @@ async def _holdings(mesh: Mesh, settle_s: float) -> dict[str, dict[str, int]]:
                 stats = await worker_pb2_grpc.KvTransferStub(channel).GetTransferStats(
                     worker_pb2.GetTransferStatsRequest(), timeout=10
                 )
-                load = await worker_pb2_grpc.WorkerStub(channel).GetInfo(
-                    worker_pb2.GetInfoRequest(), timeout=10
-                )
                 clean = stats.active_leases == 0 and stats.pinned_blocks == 0
                 if clean or time.monotonic() > deadline:
                     break
@@ -215,7 +212,6 @@ async def _holdings(mesh: Mesh, settle_s: float) -> dict[str, dict[str, int]]:
             held[child.name] = {
                 "active_leases": stats.active_leases,
                 "pinned_blocks": stats.pinned_blocks,
-                "worker_id": load.worker_id,  # type: ignore[dict-item]
             }
     return held
 
