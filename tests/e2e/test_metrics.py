@@ -94,8 +94,12 @@ async def every_services_metrics(mesh: Mesh) -> dict[str, dict[str, float]]:
 
 async def test_every_declared_metric_is_exported_after_traffic(mesh: Mesh) -> None:
     await traffic(mesh, 6)
-    await asyncio.sleep(1.5)  # three autoscaler ticks: its gauges are set on each
-    scraped = await every_services_metrics(mesh)
+    deadline = time.monotonic() + 30
+    while "kvmesh_autoscaler_desired_replicas" not in str(
+        scraped := await every_services_metrics(mesh)
+    ):  # the autoscaler sets its gauges on each tick
+        assert time.monotonic() < deadline, "the autoscaler set no gauge"
+        await asyncio.sleep(0.2)  # polling its /metrics
     assert {*SERVICES[:4], "edge"} <= set(scraped), sorted(scraped)
     names = {re.split(r"[{ ]", key)[0] for samples in scraped.values() for key in samples}
     exported = set()

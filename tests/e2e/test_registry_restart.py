@@ -47,6 +47,7 @@ async def test_registry_kill_9_under_load_loses_no_request_and_no_state(mesh: Me
             assert await discovery.kv_put(key, value)
     before = await kv(mesh)
     restarted = asyncio.Event()
+    under_load = asyncio.Event()
     outcomes: list[int] = []
 
     async def load() -> None:
@@ -55,11 +56,13 @@ async def test_registry_kill_9_under_load_loses_no_request_and_no_state(mesh: Me
             ends = None
             while ends is None or time.monotonic() < ends:
                 outcomes.append((await http.post("/v1/completions", json=body)).status_code)
+                if len(outcomes) >= 8:
+                    under_load.set()
                 if ends is None and restarted.is_set():
                     ends = time.monotonic() + 3  # and a while after the restart
 
     workers = [asyncio.create_task(load()) for _ in range(4)]
-    await asyncio.sleep(1)
+    await under_load.wait()  # kill under it
     mesh.child("registry").process.send_signal(signal.SIGKILL)
     deadline = time.monotonic() + 60
     while mesh.restarts.get("registry", 0) == 0:

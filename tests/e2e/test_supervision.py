@@ -50,7 +50,7 @@ async def test_a_killed_decode_worker_is_restarted_and_serves(mesh: Mesh) -> Non
     deadline = time.monotonic() + 60
     while (response := await ask(mesh)).status_code != 200:  # until the router sees it again
         assert time.monotonic() < deadline, response.text
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # polling until the router sees the worker again
     assert response.json()["usage"]["completion_tokens"] == 4
 
 
@@ -61,6 +61,6 @@ async def test_a_killed_router_comes_back_on_its_address(mesh: Mesh) -> None:
     deadline = time.monotonic() + 60
     while (response := await ask(mesh)).status_code != 200:
         assert time.monotonic() < deadline, response.text
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # polling until the edge reconnects to the router
     log = (mesh.config.log_dir / "router.log").read_text()
     assert log  # the new process appends to the same log
