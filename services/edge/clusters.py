@@ -173,6 +173,7 @@ class ClusterStream:
         self._request.return_token_ids = True  # to resume with, should the stream break
         self._client_wants_token_ids = request.return_token_ids
         self._streamed: list[int] = []
+        self.last_tokens = 0  # how many tokens the last message carried (ids stripped or not)
         self._deadline = asyncio.get_running_loop().time() + clusters.request_timeout_s
         self._attempt: _Attempt | None = None
 
@@ -204,6 +205,7 @@ class ClusterStream:
                 attempt.end("served")
                 return None
             attempt.received = True
+            self.last_tokens = len(message.token_ids)
             self._streamed += message.token_ids
             if not self._client_wants_token_ids:
                 del message.token_ids[:]

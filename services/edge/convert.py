@@ -52,7 +52,6 @@ def chat_request(
         request_id=request_id,
         model=request.model,
         chat=generation_pb2.ChatMessages(messages=messages),
-        return_token_ids=True,  # not answered; the edge counts tokens for its ITL
         sampling=_sampling(
             request,
             max_tokens=request.max_new_tokens or default_max_tokens,
@@ -77,7 +76,6 @@ def completion_request(
         model=request.model,
         sampling=sampling,
         cache_salt=request.cache_salt or "",
-        return_token_ids=True,  # not answered; the edge counts tokens for its ITL
     )
     if isinstance(request.prompt, str):
         out.text = request.prompt

@@ -112,7 +112,7 @@ class GenerationEndpoints:
             if isinstance(e, ClientDisconnectedError | asyncio.CancelledError):
                 metrics.EDGE_CANCELLED_GENERATIONS.labels(route).inc()
             raise
-        latency.arrived(first)
+        latency.arrived(generation.last_tokens)
         events = _events(first, generation, renderer, route, latency)
 
         def close() -> None:
@@ -137,9 +137,9 @@ class _Latency:
         self._model, self._received_at, self._streaming = model, received_at, streaming
         self._last: float | None = None
 
-    def arrived(self, message: generation_pb2.GenerateResponse) -> None:
+    def arrived(self, tokens: int) -> None:
+        """A message of the router's arrived, carrying `tokens` tokens."""
         now = time.perf_counter()
-        tokens = len(message.token_ids)
         if self._last is None:
             metrics.EDGE_TTFT_SECONDS.labels(self._model).observe(now - self._received_at)
         elif tokens and self._streaming:
@@ -158,7 +158,7 @@ async def _collect(
     generation: ClusterStream, renderer: convert.Renderer, latency: _Latency
 ) -> None:
     while (message := await generation.next()) is not None:
-        latency.arrived(message)
+        latency.arrived(generation.last_tokens)
         renderer.add(message)
     renderer.check_finished()
     latency.ended()
@@ -180,7 +180,7 @@ async def _events(
                     yield convert.sse(chunk)
                 message = await generation.next()
                 if message is not None:
-                    latency.arrived(message)
+                    latency.arrived(generation.last_tokens)
             renderer.check_finished()
             latency.ended()
             if renderer.include_usage:
