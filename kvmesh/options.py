@@ -113,7 +113,7 @@ def add_logging_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
-    from kvmesh.engine.config import ATTENTION_BACKENDS, DTYPES, EngineConfig
+    from kvmesh.engine.config import ATTENTION_BACKENDS, DTYPES, KV_DTYPES, EngineConfig
 
     engine: dict[str, Any] = {f.name: f.default for f in fields(EngineConfig)}
     group = parser.add_argument_group("engine")
@@ -129,6 +129,18 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--device", default=engine["device"], help="auto, cpu, cuda, cuda:N")
     group.add_argument("--dtype", default=engine["dtype"], choices=DTYPES)
+    group.add_argument(
+        "--kv-dtype",
+        default=engine["kv_dtype"],
+        choices=KV_DTYPES,
+        help="the KV cache's dtype (auto: the model's); fp8_e4m3 keeps per-block scales",
+    )
+    group.add_argument(
+        "--transfer-dtype",
+        default=engine["transfer_dtype"],
+        choices=KV_DTYPES,
+        help="the dtype exported KV is sent in (auto: the cache's); decode converts on import",
+    )
     group.add_argument("--block-size", type=int, default=engine["block_size"])
     group.add_argument("--num-blocks", type=int, default=engine["num_blocks"])
     group.add_argument("--max-num-seqs", type=int, default=engine["max_num_seqs"])
@@ -184,6 +196,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         model=args.model,
         device=args.device,
         dtype=args.dtype,
+        kv_dtype=args.kv_dtype,
+        transfer_dtype=args.transfer_dtype,
         block_size=args.block_size,
         num_blocks=args.num_blocks,
         max_num_seqs=args.max_num_seqs,

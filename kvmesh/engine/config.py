@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from kvmesh.errors import InvalidRequestError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+KV_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8_e4m3")
 ATTENTION_BACKENDS = ("auto", "sdpa", "paged", "triton")
 
 
@@ -26,6 +27,12 @@ class EngineConfig:
     """`auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`."""
     dtype: str = "auto"
     """`auto` (float32 on CPU, bfloat16 on CUDA), `float32`, `bfloat16` or `float16`."""
+    kv_dtype: str = "auto"
+    """The KV cache's dtype: `auto` (the model's dtype), `float32`, `bfloat16`, `float16`, or
+    `fp8_e4m3` (FP8 with per-block, per-head scales; the sdpa and paged backends)."""
+    transfer_dtype: str = "auto"
+    """The dtype exported KV is sent in: `auto` (the KV cache's) or another KV dtype; a
+    prefill worker with `fp8_e4m3` over a 16-bit cache sends half the bytes."""
     block_size: int = 16
     num_blocks: int | None = None
     """KV blocks in the pool; None sizes it from `kv_cache_bytes` or the free GPU memory."""
@@ -67,6 +74,11 @@ class EngineConfig:
             (self.max_model_len is None or self.max_model_len >= 2, "max_model_len must be >= 2"),
             (self.num_threads >= 0, "num_threads must be >= 0"),
             (self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}"),
+            (self.kv_dtype in KV_DTYPES, f"kv_dtype must be one of {', '.join(KV_DTYPES)}"),
+            (
+                self.transfer_dtype in KV_DTYPES,
+                f"transfer_dtype must be one of {', '.join(KV_DTYPES)}",
+            ),
             (
                 self.attention_backend in ATTENTION_BACKENDS,
                 f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}",

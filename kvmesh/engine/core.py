@@ -24,7 +24,13 @@ import structlog
 
 from kvmesh.engine import faults
 from kvmesh.engine.config import EngineConfig
-from kvmesh.engine.executor import AsyncModelExecutor, ModelExecutor, Sampled, StepHandle
+from kvmesh.engine.executor import (
+    AsyncModelExecutor,
+    Exporter,
+    ModelExecutor,
+    Sampled,
+    StepHandle,
+)
 from kvmesh.engine.scheduler import ScheduledChunk, Scheduler
 from kvmesh.engine.sequence import PENDING, SeqKind, SeqState, Sequence
 from kvmesh.errors import InvalidRequestError, OverloadedError, UnknownRequestError
@@ -90,8 +96,10 @@ class EngineCore:
         info: EngineInfo,
         tokenizer: Tokenizer | None,
         eos_token_ids: Iterable[int],
+        exporter: Exporter | None = None,
     ) -> None:
         config.validate()
+        self.exporter = exporter  # exports in another layout; None: pin the cache's blocks
         self.config = config
         self.executor = executor
         self.info = info
@@ -99,7 +107,6 @@ class EngineCore:
         self.pool = BlockPool(info.num_blocks, enable_prefix_cache=config.enable_prefix_cache)
         self.block_size = info.block_size
         self.max_model_len = info.max_model_len
-        self.root_hash = root_hash(info.model_id)  # unsalted; each sequence has its own root
         self.scheduler = Scheduler(
             self.pool,
             block_size=info.block_size,
@@ -180,7 +187,7 @@ class EngineCore:
     def abort(self, request_id: str) -> TokenOutput | None:
         """Stop a request wherever it is and free what it holds; its final output, if running."""
         if request_id in self._exports:
-            self.pool.release(self._exports.pop(request_id))
+            self._release_export_blocks(self._exports.pop(request_id))
         if request_id in self._imports:
             self.pool.release(self._imports.pop(request_id).block_ids)
         seq = self._requests.pop(request_id, None)
@@ -197,7 +204,13 @@ class EngineCore:
         blocks = self._exports.pop(request_id, None)
         if blocks is None:
             raise UnknownRequestError(f"no KV export for request {request_id!r}")
-        self.pool.release(blocks)
+        self._release_export_blocks(blocks)
+
+    def _release_export_blocks(self, blocks: list[BlockId]) -> None:
+        if self.exporter is not None:
+            self.exporter.release(blocks)
+        else:
+            self.pool.release(blocks)
 
     # -- decode with imported KV ---------------------------------------------------------------
 
@@ -205,7 +218,7 @@ class EngineCore:
         """Reserve local blocks for a prompt whose KV another engine computed.
 
         Full blocks already in the local prefix cache are reused; the rest must be written by the
-        caller (a KV transfer) before `start_import`.
+        caller (a KV transfer, converted if the export's layout differs) before `start_import`.
         """
         self.validate(request)
         self._check_new_id(request.request_id)
@@ -213,7 +226,7 @@ class EngineCore:
         seq = self._new_sequence(request, SeqKind.IMPORTED)
         seq.extend_hashes(self.block_size)
         hits = self.pool.lookup(seq.block_hashes)
-        needed = len(export.block_ids) - len(hits)
+        needed = -(-seq.num_prompt_tokens // self.block_size) - len(hits)
         reclaimed = sum(1 for b in hits if self.pool.ref_count(b) == 0)
         if needed > self.pool.num_free_blocks - reclaimed:
             raise OverloadedError(
@@ -378,9 +391,10 @@ class EngineCore:
         for span in spans:
             if span.seq.state is not SeqState.FINISHED:
                 self._register_full_blocks(span.seq)  # blocks that held a pending token
-        return [
+        outputs = [
             self._append_token(s.seq, s) for s in sampled if s.seq.state is not SeqState.FINISHED
         ]
+        return [out for out in outputs if out is not None]
 
     def _ends_at(self, seq: Sequence, num_tokens: int) -> bool:
         """Whether a sequence ends once it holds `num_tokens`, whatever the last one is."""
@@ -427,7 +441,7 @@ class EngineCore:
     def load(self) -> LoadSnapshot:
         running, waiting = self.scheduler.running, self.scheduler.waiting
         live = [*running, *waiting]
-        pinned = sum(len(b) for b in self._exports.values())
+        pinned = 0 if self.exporter else sum(len(b) for b in self._exports.values())
         pinned += sum(len(s.block_ids) for s in self._imports.values())
         return LoadSnapshot(
             num_running=len(running),
@@ -447,7 +461,8 @@ class EngineCore:
         if self._in_flight is not None and not self._requests:
             self.step()  # a step that only computed for ended requests: finish it, read nothing
         idle = not (self._requests or self._exports or self._imports or self._in_flight)
-        return idle and self.pool.is_whole()
+        exports_whole = self.exporter is None or self.exporter.is_whole()
+        return idle and self.pool.is_whole() and exports_whole
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -462,8 +477,8 @@ class EngineCore:
     def _check_export(self, request: GenerateRequest, export: KvExport) -> None:
         ours = self.info.layout_fingerprint
         difference = compatible(export.layout_fingerprint, ours)
-        if difference is None and export.block_size != self.block_size:
-            difference = f"block size {export.block_size} vs {self.block_size}"
+        if difference is None and export.block_size < 1:
+            difference = f"block size {export.block_size}"
         if difference is not None:
             raise LayoutMismatchError(
                 f"cannot import KV: layout {export.layout_fingerprint} is not readable here "
@@ -473,7 +488,7 @@ class EngineCore:
         problems = []
         if export.num_tokens != n:
             problems.append(f"export holds {export.num_tokens} tokens, the prompt has {n}")
-        if len(export.block_ids) != -(-n // self.block_size):
+        if len(export.block_ids) != -(-n // max(export.block_size, 1)):
             problems.append(f"export has {len(export.block_ids)} blocks for {n} tokens")
         if problems:
             raise InvalidRequestError("cannot import KV: " + "; ".join(problems))
@@ -491,7 +506,9 @@ class EngineCore:
             sampler=self.executor.make_sampler(params),
             kind=kind,
             detokenizer=detokenizer,
-            root=root_hash(self.info.model_id, salt=request.cache_salt),
+            root=root_hash(
+                self.info.model_id, salt=request.cache_salt, kv_dtype=self.info.kv_dtype
+            ),
         )
 
     def _register_full_blocks(self, seq: Sequence) -> None:
@@ -504,7 +521,7 @@ class EngineCore:
             self.pool.cache(seq.block_ids[first:full], seq.block_hashes[first:full], parent)
             seq.num_registered_blocks = full
 
-    def _append_token(self, seq: Sequence, s: Sampled) -> StepOutput:
+    def _append_token(self, seq: Sequence, s: Sampled) -> StepOutput | None:
         if seq.num_pending:
             seq.resolve(s.token_id)
         else:
@@ -534,20 +551,30 @@ class EngineCore:
         elif self._at_limit(seq, seq.num_resolved_tokens):
             seq.finish_reason = FinishReason.LENGTH
 
-    def _finish_prefill(self, seq: Sequence, first: TokenOutput) -> PrefillOutput:
-        """Pin the prompt's blocks for export, unless the first token already ended it."""
+    def _finish_prefill(self, seq: Sequence, first: TokenOutput) -> PrefillOutput | None:
+        """Pin the prompt's blocks for export (or convert them out: `exporter`), unless the
+        first token already ended it. None: the request failed (no room to export)."""
         if seq.finish_reason is not None:
             self._finish(seq)
             return PrefillOutput(first, None)
-        blocks = list(seq.block_ids)
-        self.pool.acquire(blocks)  # the export's own reference outlives the sequence's
+        blocks = list(seq.block_ids[: -(-seq.num_prompt_tokens // self.block_size)])
+        layout = self.info.layout_fingerprint
+        if self.exporter is None:
+            self.pool.acquire(blocks)  # the export's own reference outlives the sequence's
+        else:
+            try:
+                blocks = [BlockId(b) for b in self.exporter.export(blocks, seq.num_prompt_tokens)]
+            except OverloadedError as e:
+                self._fail(seq, e)
+                return None
+            layout = self.exporter.layout_fingerprint
         self._exports[seq.request_id] = blocks
         export = KvExport(
             request_id=seq.request_id,
             block_ids=tuple(blocks),
             num_tokens=seq.num_prompt_tokens,
             block_size=self.block_size,
-            layout_fingerprint=self.info.layout_fingerprint,
+            layout_fingerprint=layout,
         )
         if self.info.transfer_mode is TransferMode.ENGINE:
             export = replace(export, opaque=self.executor.export_state(export))

@@ -112,6 +112,10 @@ class AsyncEngine:
         """None: an engine that exposes its KV to NIXL overrides this."""
         return None
 
+    def export_region(self) -> PagedKvCache | None:
+        """`kv_region()`: an engine that exports into blocks of their own overrides this."""
+        return self.kv_region()
+
     def load(self) -> LoadSnapshot:
         return self._load
 

@@ -61,6 +61,24 @@ class ModelExecutor(Protocol):
         ...
 
 
+class Exporter(Protocol):
+    """Where exports go when they leave in another layout than the cache's (the torch engine's
+    `ExportPool`): the core pins no cache block for them, and releases theirs here."""
+
+    @property
+    def layout_fingerprint(self) -> str:
+        """The exports' layout, which their handles carry."""
+        ...
+
+    def export(self, block_ids: Seq[int], num_tokens: int) -> list[int]:
+        """Copy (converting) the blocks out; the export's block ids. OverloadedError if full."""
+        ...
+
+    def release(self, block_ids: Seq[int]) -> None: ...
+
+    def is_whole(self) -> bool: ...
+
+
 class AsyncModelExecutor(ModelExecutor, Protocol):
     """An executor that can queue a step and return before it has run (async scheduling).
 

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple, Protocol
 import torch
 import torch.nn.functional as F
 
-from kvmesh.engine.attention.common import AttentionMetadata, write_kv
+from kvmesh.engine.attention.common import AttentionMetadata, LayerCache, write_kv
 
 
 class ModelOps(Protocol):
@@ -37,7 +37,7 @@ class ModelOps(Protocol):
         ...
 
     def rope_and_store(
-        self, qkv: torch.Tensor, step: Any, layer_cache: torch.Tensor
+        self, qkv: torch.Tensor, step: Any, layer_cache: LayerCache
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rotate q and k, store k and v in the cache; q `[T, Hq, D]`, k, v `[T, Hkv, D]`."""
         ...
@@ -98,7 +98,7 @@ class TorchOps:
         return rms_norm(summed, weight, eps), summed
 
     def rope_and_store(
-        self, qkv: torch.Tensor, step: _TorchStep, layer_cache: torch.Tensor
+        self, qkv: torch.Tensor, step: _TorchStep, layer_cache: LayerCache
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         num_tokens, d = qkv.shape[0], self._head_dim
         q_size, kv_size = self._num_heads * d, self._num_kv_heads * d
@@ -150,9 +150,10 @@ class TritonOps:
         return x, residual
 
     def rope_and_store(
-        self, qkv: torch.Tensor, step: _TritonStep, layer_cache: torch.Tensor
+        self, qkv: torch.Tensor, step: _TritonStep, layer_cache: LayerCache
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         h, hkv, d = self._num_heads, self._num_kv_heads, self._head_dim
+        assert isinstance(layer_cache, torch.Tensor), "the Triton kernels write 16-bit KV"
         self._rope_and_write_kv(
             qkv,
             step.positions,

@@ -66,6 +66,11 @@ class Engine(Protocol):
         """The KV memory NIXL registers (TransferMode.MESH); None when the engine moves its own."""
         ...
 
+    def export_region(self) -> PagedKvCache | None:
+        """The blocks an export's ids name, which peers READ: `kv_region()`, or a pool of
+        exports in another dtype (`--transfer-dtype`)."""
+        ...
+
     # -- requests ------------------------------------------------------------------------------
 
     def generate(self, request: GenerateRequest) -> AsyncIterator[TokenOutput]:

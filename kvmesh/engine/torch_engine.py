@@ -14,10 +14,11 @@ from kvmesh.engine.attention import resolve_backend
 from kvmesh.engine.config import EngineConfig
 from kvmesh.engine.core import EngineCore
 from kvmesh.engine.driver import AsyncEngine
+from kvmesh.engine.exports import ExportPool
 from kvmesh.engine.model import LlamaModel
 from kvmesh.engine.runner import ModelRunner
 from kvmesh.errors import InvalidRequestError
-from kvmesh.kv.cache import KvLayout, PagedKvCache, dtype_name
+from kvmesh.kv.cache import KvLayout, PagedKvCache, dtype_name, kv_dtype
 from kvmesh.models import ModelConfig
 from kvmesh.types import EngineInfo, TransferMode
 
@@ -67,9 +68,24 @@ class TorchCore(EngineCore):
             max_positions=config.max_model_len,
             show_progress=show_progress,
         )
-        layout = KvLayout(mc.num_layers, mc.num_kv_heads, mc.head_dim, config.block_size, dtype)
-        num_blocks = _size_pool(config, layout, device)
+        cache_dtype = dtype if config.kv_dtype == "auto" else kv_dtype(config.kv_dtype)
+        if cache_dtype == torch.float8_e4m3fn and backend.name == "triton":
+            raise InvalidRequestError(
+                "kv_dtype fp8_e4m3 runs on the sdpa and paged attention backends; the Triton "
+                "kernels read 16-bit KV (use --attention-backend sdpa or paged, or "
+                "--transfer-dtype fp8_e4m3 to send FP8 from a 16-bit cache)"
+            )
+        layout = KvLayout(
+            mc.num_layers, mc.num_kv_heads, mc.head_dim, config.block_size, cache_dtype
+        )
+        export_layout = None
+        if config.transfer_dtype not in ("auto", dtype_name(cache_dtype)):
+            export_layout = layout.with_changes(dtype=kv_dtype(config.transfer_dtype))
+        num_blocks = _size_pool(config, layout, device, export_layout)
         self.kv_cache = PagedKvCache(layout, num_blocks, device)
+        self.exports = (
+            None if export_layout is None else ExportPool(self.kv_cache, export_layout, num_blocks)
+        )
         max_model_len = min(
             mc.max_position_embeddings,
             config.max_model_len or mc.max_position_embeddings,
@@ -104,6 +120,7 @@ class TorchCore(EngineCore):
             info=info,
             tokenizer=loaded.tokenizer,
             eos_token_ids=mc.eos_token_ids,
+            exporter=self.exports,
         )
 
 
@@ -123,8 +140,16 @@ class TorchEngine(AsyncEngine):
         """The KV tensor, for a transfer agent to register and to copy blocks in and out."""
         return self._torch_core.kv_cache
 
+    def export_region(self) -> PagedKvCache:
+        """The blocks exports name: the export pool's with `--transfer-dtype`, else the cache's."""
+        exports = self._torch_core.exports
+        return self._torch_core.kv_cache if exports is None else exports.cache
 
-def _size_pool(config: EngineConfig, layout: KvLayout, device: torch.device) -> int:
+
+def _size_pool(
+    config: EngineConfig, layout: KvLayout, device: torch.device, export: KvLayout | None
+) -> int:
+    """Blocks of the cache (and as many of the export pool, which shares the budget)."""
     if config.num_blocks is not None:
         return config.num_blocks
     if config.kv_cache_bytes is not None:
@@ -134,9 +159,10 @@ def _size_pool(config: EngineConfig, layout: KvLayout, device: torch.device) -> 
         budget = int(free * config.gpu_memory_fraction) - _GPU_ACTIVATION_RESERVE
     else:
         budget = _CPU_KV_CACHE_BYTES
-    num_blocks = budget // layout.bytes_per_block
+    per_block = layout.bytes_per_block + (export.bytes_per_block if export else 0)
+    num_blocks = budget // per_block
     if num_blocks < 1:
         raise InvalidRequestError(
-            f"no memory left for the KV cache ({budget} bytes, {layout.bytes_per_block} per block)"
+            f"no memory left for the KV cache ({budget} bytes, {per_block} per block)"
         )
     return int(num_blocks)

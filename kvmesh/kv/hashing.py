@@ -3,7 +3,8 @@
 A block's hash covers its own token ids and, through the parent hash, every token before it, so
 equal hashes mean equal prefixes. Only full blocks are hashed.
 
-    root    = xxh3_64(b"kvmesh/v1" 0x00 model_id 0x00 adapter, seed=HASH_SEED)
+    root    = xxh3_64(b"kvmesh/v1" 0x00 model_id 0x00 adapter [0x00 "salt:" salt]
+                      [0x00 "kv:" kv_dtype], seed=HASH_SEED)
     hash[i] = xxh3_64(u64le(parent) || u32le(token) for each token of block i, seed=HASH_SEED)
     parent  = root for block 0, hash[i-1] otherwise
 
@@ -29,12 +30,17 @@ _ROOT_DOMAIN = b"kvmesh/v1"
 _MAX_TOKEN_ID = 2**32 - 1
 
 
-def root_hash(model_id: str, adapter: str = "", salt: str = "") -> BlockHash:
-    """The parent of a sequence's first block: folds the model (and adapter, and a cache salt)
-    into every hash. Different salts share no block: tenants do not see each other's cache."""
+def root_hash(model_id: str, adapter: str = "", salt: str = "", kv_dtype: str = "") -> BlockHash:
+    """The parent of a sequence's first block: folds the model (and adapter, a cache salt, and
+    the KV dtype) into every hash. Different salts share no block: tenants do not see each
+    other's cache; different KV dtypes share none either: FP8 blocks are never a hit for a
+    bf16 prefix. Workers and routers pass the worker's KV dtype (`EngineInfo.kv_dtype`, the
+    discovery meta `kv_dtype`); KV handles bind their prompt without it."""
     parts = [_ROOT_DOMAIN, model_id.encode(), adapter.encode()]
     if salt:
         parts.append(b"salt:" + salt.encode())
+    if kv_dtype:
+        parts.append(b"kv:" + kv_dtype.encode())
     return BlockHash(xxhash.xxh3_64_intdigest(b"\x00".join(parts), seed=HASH_SEED))
 
 

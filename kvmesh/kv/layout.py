@@ -12,13 +12,14 @@ GPU kernels) write the same cache, so workers on different backends share KV. Be
 fingerprint, a worker declares its engine's transfer mode (discovery meta `transfer_mode`):
 `mesh` (kvmesh's NIXL agent copies blocks) or `engine` (the engine moves its own KV).
 
-The rule today: decode reads prefill's KV when every field is equal, and the transfer modes
-are equal where both are known. Fingerprints of another format (the sim engine's
-`kvmesh-sim/v1:...`, a plug-in's) are opaque: compatible only with an equal fingerprint.
+The dtype is `f32`, `bf16`, `f16` or `e4m3` (FP8 with per-block scales, `kvmesh.kv.quant`).
 
-Conversions on import (block size, dtype: issue 14) plug in per field: each `_Field` has a
-`converts(prefill_value, decode_value)` rule, never today, and a difference that decode can
-convert is not a difference.
+The rule: decode reads prefill's KV when every field is equal or converts, and the transfer
+modes are equal where both are known. Decode converts on import (`kvmesh.kv.convert`) any
+block size into its own and any of the four dtypes into its own; the order, layers, KV heads
+and head dim must be equal (another model's KV means nothing here). Fingerprints of another
+format (the sim engine's `kvmesh-sim/v1:...`, a plug-in's) are opaque: compatible only with an
+equal fingerprint.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["KV_FORMAT", "LayoutSpec", "compatible", "parse"]
+__all__ = ["CONVERTIBLE_DTYPES", "KV_FORMAT", "LayoutSpec", "compatible", "parse"]
 
 KV_FORMAT = "kvmesh-kv/v1"  # the torch engine's paged cache; the only format parsed into fields
 
@@ -70,8 +71,19 @@ def parse(fingerprint: str, *, transfer_mode: str | None = None) -> LayoutSpec:
     return LayoutSpec(fingerprint, fmt, order, layers, heads, head_dim, block_size, dtype, mode)
 
 
+CONVERTIBLE_DTYPES = ("f32", "bf16", "f16", "e4m3")
+
+
 def _never(prefill_value: object, decode_value: object) -> bool:
     return False
+
+
+def _any_block_size(prefill_value: object, decode_value: object) -> bool:
+    return True
+
+
+def _known_dtypes(prefill_value: object, decode_value: object) -> bool:
+    return prefill_value in CONVERTIBLE_DTYPES and decode_value in CONVERTIBLE_DTYPES
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,14 +99,15 @@ _FIELDS = (
     _Field("num_layers", "layers"),
     _Field("num_kv_heads", "KV heads"),
     _Field("head_dim", "head dim"),
-    _Field("block_size", "block size"),
-    _Field("dtype", "dtype"),
+    _Field("block_size", "block size", _any_block_size),
+    _Field("dtype", "dtype", _known_dtypes),
 )
 
 
 def compatible(prefill: LayoutSpec | str, decode: LayoutSpec | str) -> str | None:
-    """None when a decode worker of layout `decode` can read KV written in layout `prefill`;
-    otherwise each difference, prefill's value first: "block size 16 vs 32; dtype f32 vs f16"."""
+    """None when a decode worker of layout `decode` can read KV written in layout `prefill`
+    (as it is, or converted on import); otherwise each difference it cannot convert, prefill's
+    value first: "layers 30 vs 32; KV heads 3 vs 8"."""
     p = parse(prefill) if isinstance(prefill, str) else prefill
     d = parse(decode) if isinstance(decode, str) else decode
     differences = []

@@ -157,7 +157,9 @@ class WorkerRuntime:
                 )
             from kvmesh.kv.transfer.agent import KvTransferAgent
 
-            self._transfer = KvTransferAgent(self.worker_id, region)
+            self._transfer = KvTransferAgent(
+                self.worker_id, region, export_cache=engine.export_region()
+            )
             notifications = self._transfer.take_notifications
         self._leases = LeaseTable(engine.release_export, take_notifications=notifications)
         self._leases.start()

@@ -12,7 +12,8 @@ migrating from a failed decode worker), prefill prompt + tokens generated so far
 prefill worker cannot be read (it died, its lease expired), fall back to computing locally:
 slower, never wrong. A handle whose KV layout this worker cannot read (`kvmesh.kv.layout`) is
 refused with FAILED_PRECONDITION before anything is fetched or reserved; the router then asks
-again without it.
+again without it. KV in another block size or dtype than this worker's is READ as it is and
+converted on import (`KvTransferAgent.read_converted`).
 """
 
 from __future__ import annotations
@@ -145,20 +146,39 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
         engine_request = GenerateRequest(
             local_id, tuple(request.prompt_token_ids), sampling, cache_salt=request.cache_salt
         )
+        transfer = self._runtime.transfer
+        if transfer.peer_layout(peer) != handle.layout_fingerprint:
+            raise LayoutMismatchError(
+                f"cannot import KV: the handle says layout {handle.layout_fingerprint}, prefill "
+                f"worker {handle.worker_id!r} serves {transfer.peer_layout(peer)}"
+            )
         plan = await engine.reserve_import(engine_request, convert.handle_to_export(handle))
-        remote = list(handle.block_ids[plan.num_cached_blocks :])
+        converted = handle.layout_fingerprint != engine.info.layout_fingerprint
+        # What this worker lacks: from its first uncached block, in the prefill's blocks.
+        cached_tokens = plan.num_cached_blocks * plan.block_size
+        remote_size = handle.block_size if converted else plan.block_size
+        remote = list(handle.block_ids[cached_tokens // remote_size :])
         try:
-            if remote:
+            if remote and cached_tokens < plan.num_tokens:
                 started = time.perf_counter()
+                notify = release_message(handle.request_id, handle.release_token)
                 with tracing.tracer().start_as_current_span("kv.transfer") as span:
                     span.set_attribute("kvmesh.kv.blocks", len(remote))
                     span.set_attribute("kvmesh.kv.prefill_worker", handle.worker_id)
-                    result = await self._runtime.transfer.read_blocks(
-                        peer,
-                        remote,
-                        plan.blocks_to_fill,
-                        notify=release_message(handle.request_id, handle.release_token),
-                    )
+                    span.set_attribute("kvmesh.kv.converted", converted)
+                    if converted:
+                        result = await transfer.read_converted(
+                            peer,
+                            remote,
+                            plan.blocks_to_fill,
+                            skip=cached_tokens % remote_size,
+                            num_tokens=plan.num_tokens - cached_tokens,
+                            notify=notify,
+                        )
+                    else:
+                        result = await transfer.read_blocks(
+                            peer, remote, plan.blocks_to_fill, notify=notify
+                        )
                     seconds = time.perf_counter() - started
                     span.set_attribute("kvmesh.kv.bytes", result.num_bytes)
                     span.set_attribute("kvmesh.kv.seconds", seconds)

@@ -7,8 +7,10 @@ otherwise a prefill worker is chosen and the KV moves to the decode worker, whic
 blocks it lacks. Only prefill workers whose KV layout the decode worker can read are candidates
 (`WorkerPool.incompatibility`); when there are prefill workers but none of them pairs with the
 chosen decode worker, the request goes aggregated and the prefill tier's decision counts the
-reason `no_compatible_prefill`. Block hashes use the decode worker's block size. Retries and
-migrations choose again among the workers not yet tried.
+reason `no_compatible_prefill`. Each tier's candidates are scored by hashes as its workers
+compute them: their block size and KV dtype (`kvmesh.kv.hashing.root_hash`), which may differ
+between the tiers (decode converts on import). Retries and migrations choose again among the
+workers not yet tried.
 """
 
 from __future__ import annotations
@@ -30,13 +32,25 @@ log = structlog.get_logger(__name__)
 NO_COMPATIBLE_PREFILL = "no_compatible_prefill"  # a decision reason: aggregated for this reason
 
 
-@dataclass(slots=True)
-class Plan:
+@dataclass(frozen=True, slots=True)
+class Hashed:
+    """A prompt's block hashes as one kind of worker computes them."""
+
     hashes: list[BlockHash]
     block_size: int
+
+
+@dataclass(slots=True)
+class Plan:
+    decode_hashes: Hashed
     prompt_tokens: int
     decode: Decision
     prefill: Decision | None  # None: aggregated (the decode worker prefills)
+    prefill_hashes: Hashed | None = None
+
+    @property
+    def hashes(self) -> list[BlockHash]:
+        return self.decode_hashes.hashes
 
 
 class Planner:
@@ -44,7 +58,7 @@ class Planner:
         self._pool = pool
         self._router = router
         self._disagg_min_tokens = disagg_min_tokens
-        self._roots: dict[str, BlockHash] = {}
+        self._roots: dict[tuple[str, str], BlockHash] = {}
 
     @property
     def policy(self) -> str:
@@ -57,20 +71,14 @@ class Planner:
         `record=False` (ExplainRoute) changes nothing: no metrics, no approximate entries.
         """
         decode_workers = self._pool.candidates("decode")
-        infos = [w.info for w in decode_workers if w.info is not None]
-        if not infos:
+        if not any(w.info is not None for w in decode_workers):
             raise UnavailableError("no decode worker is available")
-        block_size = infos[0].block_size
-        hashes = hash_blocks(prompt, block_size, self._root(infos[0].model, salt))
-        decision = self._choose("decode", hashes, len(prompt), block_size, decode_workers, record)
-        plan = Plan(hashes, block_size, len(prompt), decision, None)
+        first = next(w for w in decode_workers if w.info is not None)
+        hashed = self._hash(prompt, first, salt)
+        decision = self._choose("decode", hashed, len(prompt), decode_workers, record)
         decode = decision.chosen
         assert decode is not None
-        decode_info = decode.worker.info
-        assert decode_info is not None
-        if decode_info.block_size != block_size:  # decode workers differ: hash as this one does
-            plan.block_size = decode_info.block_size
-            plan.hashes = hash_blocks(prompt, plan.block_size, self._root(decode_info.model, salt))
+        plan = Plan(self._hash(prompt, decode.worker, salt), len(prompt), decision, None)
         if decode.new_tokens < self._disagg_min_tokens or not self._pool.candidates("prefill"):
             return plan
         prefill_workers = self._pool.candidates("prefill", paired_with=decode.worker)
@@ -82,8 +90,9 @@ class Planner:
                     decode_worker=decode.worker.worker_id,
                 )
             return plan
+        plan.prefill_hashes = self._hash(prompt, prefill_workers[0], salt)
         plan.prefill = self._choose(
-            "prefill", plan.hashes, len(prompt), plan.block_size, prefill_workers, record
+            "prefill", plan.prefill_hashes, len(prompt), prefill_workers, record
         )
         return plan
 
@@ -93,18 +102,21 @@ class Planner:
         decode = plan.decode.chosen
         paired_with = decode.worker if tier == "prefill" and decode is not None else None
         workers = self._pool.candidates(tier, exclude=exclude, paired_with=paired_with)
-        return self._choose(tier, plan.hashes, plan.prompt_tokens, plan.block_size, workers, True)
+        hashed = plan.decode_hashes
+        if tier == "prefill" and plan.prefill_hashes is not None:
+            hashed = plan.prefill_hashes
+        return self._choose(tier, hashed, plan.prompt_tokens, workers, True)
 
     def _choose(
         self,
         tier: str,
-        hashes: list[BlockHash],
+        hashed: Hashed,
         prompt_tokens: int,
-        block_size: int,
         workers: Sequence[Worker],
         record: bool,
     ) -> Decision:
         started = time.perf_counter()
+        hashes, block_size = hashed.hashes, hashed.block_size
         decision = self._router.choose(tier, workers, hashes, prompt_tokens, block_size)
         if not record:
             return decision
@@ -128,10 +140,17 @@ class Planner:
         )
         return decision
 
-    def _root(self, model: str, salt: str) -> BlockHash:
+    def _hash(self, prompt: Sequence[int], worker: Worker, salt: str) -> Hashed:
+        """The prompt's hashes as `worker` computes them (its model, block size, KV dtype)."""
+        info = worker.info
+        assert info is not None
+        root = self._root(info.model, worker.meta.get("kv_dtype", ""), salt)
+        return Hashed(hash_blocks(prompt, info.block_size, root), info.block_size)
+
+    def _root(self, model: str, kv_dtype: str, salt: str) -> BlockHash:
         if salt:  # one per tenant and salt: not worth keeping
-            return root_hash(model, salt=salt)
-        root = self._roots.get(model)
+            return root_hash(model, salt=salt, kv_dtype=kv_dtype)
+        root = self._roots.get((model, kv_dtype))
         if root is None:
-            root = self._roots[model] = root_hash(model)
+            root = self._roots[(model, kv_dtype)] = root_hash(model, kv_dtype=kv_dtype)
         return root

@@ -1,16 +1,18 @@
-"""Heterogeneous tiers as real processes: per-tier worker options, KV across attention backends,
-and a decode worker whose KV layout the prefill worker's does not match.
+"""Heterogeneous tiers as real processes: per-tier worker options, KV across attention backends
+and block sizes, and a prefill worker whose KV no decode worker can read.
 
-Four workers, started by `kvmesh.up.Mesh` (every worker gets `--attention-backend paged`, then
+Five workers, started by `kvmesh.up.Mesh` (every worker gets `--attention-backend paged`, then
 its tier's arguments, then `add_worker`'s):
 
     prefill sdpa   B16  (UpConfig.extra_prefill_args)   decode paged  B16  (the shared one)
-    prefill paged  B32  (Mesh.add_worker)               decode sdpa   B32  (Mesh.add_worker)
+    prefill paged  B64  (Mesh.add_worker)               decode sdpa   B64  (Mesh.add_worker)
+    prefill sim         (Mesh.add_worker: the sim engine, its own opaque KV format)
 
 Routers restricted to two workers each (`--only-workers`) fix the pairs: sdpa -> paged and
-paged -> sdpa share KV (equal layouts whatever the backend); sdpa B16 -> sdpa B32 cannot, so
-that router serves aggregated and says why, and the B32 decode worker refuses a B16 handle.
-Every answer must be the greedy text of one engine on the sdpa backend.
+paged -> sdpa share KV as it is (equal layouts whatever the backend); B64 -> B16 and B16 -> B64
+convert it on import (issue 14); sim -> torch cannot, so that router serves aggregated and says
+why, and the torch decode worker refuses a sim handle. Every answer must be the greedy text of
+one engine on the sdpa backend (the aggregated path's).
 """
 
 from __future__ import annotations
@@ -42,12 +44,38 @@ from tests.e2e.mesh import grpc_channel, metric
 from tests.helpers import generate
 
 SDPA_16, PAGED_16 = "prefill-sdpa-b16", "decode-paged-b16"
-PAGED_32, SDPA_32 = "prefill-paged-b32", "decode-sdpa-b32"
+PAGED_64, SDPA_64 = "prefill-paged-b64", "decode-sdpa-b64"
+SIM = "prefill-sim"
 QUESTION = "In two sentences, explain why the sky looks blue at noon and red at sunset."
 # Another prompt for the aggregated path: QUESTION's KV is cached on the B32 decode worker by
 # then, and a prompt mostly cached on decode goes aggregated whatever the layouts.
 OTHER_QUESTION = "Name three rivers of Europe and the seas they flow into, in one sentence each."
 MAX_TOKENS = 16
+# Twenty prompts for each converting pair: long enough that each is disaggregated even where
+# the decode worker holds the chat template's first blocks.
+TOPICS = (
+    "tides",
+    "volcanoes",
+    "rainbows",
+    "glaciers",
+    "bread",
+    "compilers",
+    "bees",
+    "comets",
+    "coral reefs",
+    "magnets",
+    "clouds",
+    "bicycles",
+    "honey",
+    "deserts",
+    "lightning",
+    "cheese",
+    "owls",
+    "batteries",
+    "earthquakes",
+    "tea",
+)
+CONVERTED = tuple(f"Explain in detail how {t} work, for a curious child of ten." for t in TOPICS)
 # layers x block x (K, V) x KV heads x head dim x float32, per token of a block
 BYTES_PER_TOKEN = 30 * 2 * 3 * 64 * 4
 
@@ -72,14 +100,15 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Mesh]:
         await asyncio.gather(
             running.add_worker(
                 "prefill",
-                "prefill-b32",
-                ["--worker-id", PAGED_32, "--attention-backend", "paged", "--block-size", "32"],
+                "prefill-b64",
+                ["--worker-id", PAGED_64, "--attention-backend", "paged", "--block-size", "64"],
             ),
             running.add_worker(
                 "decode",
-                "decode-b32",
-                ["--worker-id", SDPA_32, "--attention-backend", "sdpa", "--block-size", "32"],
+                "decode-b64",
+                ["--worker-id", SDPA_64, "--attention-backend", "sdpa", "--block-size", "64"],
             ),
+            running.add_worker("prefill", "prefill-sim", ["--worker-id", SIM, "--engine", "sim"]),
         )
         yield running
     finally:
@@ -104,7 +133,7 @@ def expected(reference: TorchCore) -> dict[str, Expected]:
     """Each question's greedy answer on one engine, sdpa backend."""
     tokenizer = reference.tokenizer
     assert tokenizer is not None
-    questions = (QUESTION, OTHER_QUESTION)
+    questions = (QUESTION, OTHER_QUESTION, *CONVERTED)
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in questions]
     greedy = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
     outputs = generate(reference, prompts, greedy)
@@ -169,14 +198,15 @@ async def test_each_tier_runs_the_options_given_to_it(mesh: Mesh) -> None:
     assert backends == {
         SDPA_16: ("sdpa", "16"),
         PAGED_16: ("paged", "16"),
-        PAGED_32: ("paged", "32"),
-        SDPA_32: ("sdpa", "32"),
+        PAGED_64: ("paged", "64"),
+        SDPA_64: ("sdpa", "64"),
+        SIM: ("sim", "16"),
     }
 
 
 @pytest.mark.parametrize(
     ("router_name", "prefill_id", "decode_id", "block_size"),
-    [("router", SDPA_16, PAGED_16, 16), ("router-paged-sdpa", PAGED_32, SDPA_32, 32)],
+    [("router", SDPA_16, PAGED_16, 16), ("router-paged-sdpa", PAGED_64, SDPA_64, 64)],
     ids=["sdpa-to-paged", "paged-to-sdpa"],
 )
 async def test_kv_moves_between_backends_and_the_text_is_one_backends(
@@ -207,11 +237,47 @@ async def test_kv_moves_between_backends_and_the_text_is_one_backends(
     assert computed == answer.usage.completion_tokens - 1
 
 
-async def test_a_pair_of_incompatible_layouts_is_served_aggregated_and_says_why(
+@pytest.mark.parametrize(
+    ("router_name", "prefill_id", "decode_id", "prefill_block_size"),
+    [("router-64-to-16", PAGED_64, PAGED_16, 64), ("router-16-to-64", SDPA_16, SDPA_64, 16)],
+    ids=["b64-to-b16", "b16-to-b64"],
+)
+async def test_kv_of_another_block_size_is_converted_on_import(
+    mesh: Mesh,
+    expected: dict[str, Expected],
+    router_name: str,
+    prefill_id: str,
+    decode_id: str,
+    prefill_block_size: int,
+) -> None:
+    """Twenty prompts through a pair of workers of different block sizes: each is prefilled
+    there, its KV read in the prefill worker's blocks and re-packed into the decode worker's,
+    and the greedy text is the aggregated path's."""
+    router = await router_of(mesh, router_name, prefill_id, decode_id)
+    decode = worker(mesh, decode_id)
+    received_before = await metric(decode, "kvmesh_kv_transfer_bytes_total")
+
+    answers = [await ask(router, question) for question in CONVERTED]
+
+    for question, answer in zip(CONVERTED, answers, strict=True):
+        reference = expected[question]
+        assert list(answer.token_ids) == reference.token_ids, question
+        assert answer.text == reference.text
+        assert answer.timings.prefill_s > 0, question  # a prefill worker prefilled
+    received = await metric(decode, "kvmesh_kv_transfer_bytes_total") - received_before
+    assert received > 0
+    assert received % (prefill_block_size * BYTES_PER_TOKEN) == 0  # the prefill's blocks moved
+    assert await metric(decode, "kvmesh_engine_kv_blocks_pinned") == 0
+
+
+SIM_DIFFERENCE = "format kvmesh-sim/v1 vs kvmesh-kv/v1; transfer mode engine vs mesh"
+
+
+async def test_a_pair_that_cannot_convert_is_served_aggregated_and_says_why(
     mesh: Mesh, expected: dict[str, Expected]
 ) -> None:
-    router = await router_of(mesh, "router-mismatch", SDPA_16, SDPA_32)
-    prefill, decode = worker(mesh, SDPA_16), worker(mesh, SDPA_32)
+    router = await router_of(mesh, "router-sim", SIM, PAGED_16)
+    prefill, decode = worker(mesh, SIM), worker(mesh, PAGED_16)
     prefill_computed_before = await metric(prefill, "kvmesh_engine_computed_tokens_total")
 
     answer = await ask(router, OTHER_QUESTION)
@@ -231,27 +297,29 @@ async def test_a_pair_of_incompatible_layouts_is_served_aggregated_and_says_why(
     ]
     assert len(warnings) == 1, warnings
     warning = json.loads(warnings[0])
-    assert (warning["prefill_worker"], warning["decode_worker"]) == (SDPA_16, SDPA_32)
-    assert warning["difference"] == "block size 16 vs 32"
+    assert (warning["prefill_worker"], warning["decode_worker"]) == (SIM, PAGED_16)
+    assert warning["difference"] == SIM_DIFFERENCE
     assert await metric(decode, "kvmesh_engine_kv_blocks_pinned") == 0
 
 
 async def test_decode_refuses_a_handle_it_cannot_read_and_leaks_nothing(
     mesh: Mesh, expected: dict[str, Expected]
 ) -> None:
-    prefill, decode = worker(mesh, SDPA_16), worker(mesh, SDPA_32)
+    prefill, decode = worker(mesh, SIM), worker(mesh, PAGED_16)
     reference = expected[QUESTION]
     async with grpc_channel(prefill) as channel:
         prefilled = await worker_pb2_grpc.PrefillStub(channel).Prefill(
             worker_pb2.PrefillRequest(
                 request_id="refused",
                 prompt_token_ids=reference.prompt,
-                sampling=common_pb2.SamplingParams(max_tokens=MAX_TOKENS, temperature=0),
+                sampling=common_pb2.SamplingParams(
+                    max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True
+                ),
             ),
             timeout=60,
         )
     handle = prefilled.kv_handle
-    assert prefilled.first_token_id == reference.token_ids[0] and handle.block_ids
+    assert handle.block_ids
     used_before = await metric(decode, "kvmesh_engine_kv_blocks_used")
 
     request = worker_pb2.DecodeRequest(
@@ -270,8 +338,9 @@ async def test_decode_refuses_a_handle_it_cannot_read_and_leaks_nothing(
         await channel.close(None)
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     details = refused.value.details() or ""
-    assert "block size 16 vs 32" in details
-    assert handle.layout_fingerprint in details and ":B32:" in details
+    assert f"cannot import KV: prefill worker {SIM!r} wrote layout" in details
+    assert SIM_DIFFERENCE.split(";")[0] in details
+    assert handle.layout_fingerprint in details and ":B16:f32" in details
 
     # Nothing was reserved on decode; the lease on prefill is still the router's to release.
     assert await metric(decode, "kvmesh_engine_kv_blocks_pinned") == 0

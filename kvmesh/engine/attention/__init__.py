@@ -22,7 +22,7 @@ from typing import Protocol
 
 import torch
 
-from kvmesh.engine.attention.common import AttentionMetadata, SequenceSlice
+from kvmesh.engine.attention.common import AttentionMetadata, LayerCache, SequenceSlice
 from kvmesh.errors import InvalidRequestError
 
 BACKEND_NAMES = ("sdpa", "paged", "triton")
@@ -43,7 +43,7 @@ class AttentionBackend(Protocol):
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        layer_cache: torch.Tensor,
+        layer_cache: LayerCache,
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:

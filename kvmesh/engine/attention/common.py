@@ -15,6 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from kvmesh.engine.uploads import upload
+from kvmesh.kv import quant
+from kvmesh.kv.cache import LayerCache as LayerCache  # re-exported for the backends
+from kvmesh.kv.cache import QuantizedLayer as QuantizedLayer
 
 
 @dataclass(slots=True)
@@ -32,6 +35,13 @@ class SequenceSlice:
     @property
     def context_len(self) -> int:
         return self.num_context_before + self.num_query
+
+
+def gather_blocks(layer_cache: LayerCache, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`layer_cache[index]` in `dtype`, dequantized if the cache is FP8."""
+    if isinstance(layer_cache, QuantizedLayer):
+        return layer_cache.gather(index).to(dtype)
+    return layer_cache[index]
 
 
 @dataclass(slots=True)
@@ -77,8 +87,19 @@ def block_table(
 def write_kv(
     k: torch.Tensor,
     v: torch.Tensor,
-    layer_cache: torch.Tensor,
+    layer_cache: LayerCache,
     slots: tuple[torch.Tensor, torch.Tensor],
 ) -> None:
     """Store the new tokens' K and V in their cache slots, given as (blocks, offsets)."""
-    layer_cache[slots[0], slots[1]] = torch.stack((k, v), dim=1)
+    kv = torch.stack((k, v), dim=1)
+    if isinstance(layer_cache, QuantizedLayer):
+        # As a cache of one layer: [N, 1, B, 2, H, D] values, [N, 1, 2, H] scales.
+        quant.write_tokens(
+            layer_cache.data.unsqueeze(1),
+            layer_cache.scales.unsqueeze(1),
+            slots[0],
+            slots[1],
+            kv.unsqueeze(1),
+        )
+    else:
+        layer_cache[slots[0], slots[1]] = kv

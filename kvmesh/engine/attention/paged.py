@@ -27,10 +27,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kvmesh.engine.attention.common import LayerCache, QuantizedLayer, gather_blocks
+
 
 def paged_decode(
     q: torch.Tensor,
-    layer_cache: torch.Tensor,
+    layer_cache: LayerCache,
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
@@ -61,8 +63,13 @@ def paged_decode(
     block_ids = block_tables[seq_of_block, block_in_seq].long()
 
     # Gathered straight into [N, Hkv, bs, D]: the matmuls below then need no copies.
-    keys = layer_cache[:, :, 0].transpose(1, 2).index_select(0, block_ids).float()
-    values = layer_cache[:, :, 1].transpose(1, 2).index_select(0, block_ids).float()
+    if isinstance(layer_cache, QuantizedLayer):
+        blocks = layer_cache.gather(block_ids)
+        keys = blocks[:, :, 0].transpose(1, 2).contiguous()
+        values = blocks[:, :, 1].transpose(1, 2).contiguous()
+    else:
+        keys = layer_cache[:, :, 0].transpose(1, 2).index_select(0, block_ids).float()
+        values = layer_cache[:, :, 1].transpose(1, 2).index_select(0, block_ids).float()
     positions = block_in_seq[:, None] * block_size + torch.arange(block_size, device=device)
     past_end = positions >= lens[seq_of_block][:, None]  # [N, bs]
     # Slots past the end (only in each sequence's last block) may hold anything, NaN
@@ -96,7 +103,7 @@ def paged_decode(
 
 def paged_prefill(
     q: torch.Tensor,
-    layer_cache: torch.Tensor,
+    layer_cache: LayerCache,
     block_tables: torch.Tensor,
     cu_seqlens_q: torch.Tensor,
     context_lens: torch.Tensor,
@@ -120,7 +127,7 @@ def paged_prefill(
             continue
         num_blocks = -(-context_len // block_size)
         table = block_tables[segment, :num_blocks].to(device=q.device, dtype=torch.long)
-        context = layer_cache.index_select(0, table).flatten(0, 1)[:context_len]
+        context = gather_blocks(layer_cache, table, q.dtype).flatten(0, 1)[:context_len]
         keys = context[:, 0].transpose(0, 1)[None]  # [1, Hkv, ctx, D]
         values = context[:, 1].transpose(0, 1)[None]
         mask = None

@@ -14,6 +14,7 @@ import torch
 
 from kvmesh.engine.attention.common import (
     AttentionMetadata,
+    LayerCache,
     SequenceSlice,
     block_table,
     slot_mapping,
@@ -131,7 +132,7 @@ class PagedBackend:
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        layer_cache: torch.Tensor,
+        layer_cache: LayerCache,
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:

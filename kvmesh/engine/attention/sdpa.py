@@ -18,7 +18,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kvmesh.engine.attention.common import AttentionMetadata, SequenceSlice, slot_mapping
+from kvmesh.engine.attention.common import (
+    AttentionMetadata,
+    LayerCache,
+    SequenceSlice,
+    gather_blocks,
+    slot_mapping,
+)
 from kvmesh.engine.uploads import upload
 
 
@@ -58,7 +64,7 @@ class SdpaBackend:
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        layer_cache: torch.Tensor,
+        layer_cache: LayerCache,
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
@@ -127,7 +133,7 @@ def sdpa_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    layer_cache: torch.Tensor,
+    layer_cache: LayerCache,
     meta: SdpaMetadata,
     scale: float,
 ) -> torch.Tensor:
@@ -139,7 +145,8 @@ def sdpa_attention(
         if seg.mask is None:
             keys, values = k[rows], v[rows]
         else:
-            context = layer_cache[seg.block_table].flatten(0, 1)[: seg.context_len]
+            context = gather_blocks(layer_cache, seg.block_table, q.dtype)
+            context = context.flatten(0, 1)[: seg.context_len]
             keys, values = context[:, 0], context[:, 1]
         out[rows] = _sdpa(
             q[rows].transpose(0, 1)[None],
@@ -154,7 +161,7 @@ def sdpa_attention(
         batch = d.block_tables.shape[0]
         num_kv_heads, head_dim = k.shape[1], k.shape[2]
         # One gather for every sequence's K and V: [B, max_blocks * block_size, 2, Hkv, D].
-        context = layer_cache[d.block_tables].flatten(1, 2)
+        context = gather_blocks(layer_cache, d.block_tables, q.dtype).flatten(1, 2)
         keys = context[:, :, 0].transpose(1, 2)  # [B, Hkv, S, D]
         values = context[:, :, 1].transpose(1, 2)
         # The query heads sharing a KV head become that head's "query positions": one

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvmesh.engine.attention.common import AttentionMetadata, SequenceSlice
+from kvmesh.engine.attention.common import AttentionMetadata, LayerCache, SequenceSlice
 from kvmesh.engine.attention.paged_backend import (
     DecodeRows,
     PagedMetadata,
@@ -88,11 +88,12 @@ class TritonBackend:
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        layer_cache: torch.Tensor,
+        layer_cache: LayerCache,
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
         assert isinstance(meta, TritonMetadata)
+        assert isinstance(layer_cache, torch.Tensor), "the Triton kernels read 16-bit KV"
         out = None if one_group(meta) else torch.empty_like(q)
         if (d := meta.decode) is not None:
             if meta.num_splits is None:

@@ -13,8 +13,10 @@ import numpy as np
 import structlog
 import torch
 
-from kvmesh.kv.cache import PagedKvCache
+from kvmesh.kv.cache import KvLayout, PagedKvCache
+from kvmesh.kv.convert import read_raw_blocks, tokens_of, write_converted
 from kvmesh.kv.errors import LayoutMismatchError, TransferError
+from kvmesh.kv.layout import compatible
 from kvmesh.kv.transfer._nixl import (
     LOCAL_AGENT,
     as_name,
@@ -34,22 +36,32 @@ _MEMORY_TYPES = ("DRAM", "VRAM")
 _SPIN_S = 1e-3
 _FIRST_DELAY_S = 50e-6
 _MAX_DELAY_S = 1e-3
+DEFAULT_STAGING_BYTES = 64 << 20  # where blocks of another layout land before conversion
 
 
 @dataclass(slots=True)
 class _Peer:
     region: KvRegion
     blocks: Any  # NIXL prepped descriptor list over every block of the peer
+    layout: KvLayout | None  # None: ours (blocks copy as they are); else converted on read
 
 
 class KvTransferAgent:
-    """One NIXL agent over one paged KV cache: serves its blocks to peers and reads theirs."""
+    """One NIXL agent over one paged KV cache: serves its blocks to peers and reads theirs.
+
+    Peers READ the blocks of `export_cache` when one is given (exports in another dtype,
+    `kvmesh.engine.exports`), else of `kv_cache`. Blocks of a peer whose layout differs from
+    ours (block size, dtype: `kvmesh.kv.layout`) are READ into a staging area of
+    `staging_bytes`, then converted into the cache (`read_converted`), a chunk at a time.
+    """
 
     def __init__(
         self,
         name: str,
         kv_cache: PagedKvCache,
         *,
+        export_cache: PagedKvCache | None = None,
+        staging_bytes: int = DEFAULT_STAGING_BYTES,
         backends: Sequence[str] = ("UCX",),
         progress_thread: bool = False,
     ) -> None:
@@ -57,8 +69,12 @@ class KvTransferAgent:
         assert tensor.is_contiguous(), "the paged KV cache is allocated as one contiguous tensor"
         self.name = name
         self.kv_cache = kv_cache
+        self.served = export_cache or kv_cache  # the blocks peers read
         self.stats = TransferStats()
         self._bytes_per_block = kv_cache.layout.bytes_per_block
+        self._staging = torch.empty(staging_bytes, dtype=torch.uint8, device=tensor.device)
+        self._staging_lists: dict[int, Any] = {}  # bytes per block -> prepped descriptors
+        self._staging_lock = asyncio.Lock()
         self._memory_type, self._device_id = memory_of(tensor.get_device())
         if tensor.is_cuda:
             # UCX's CUDA transports work in the calling thread's current context.
@@ -69,9 +85,15 @@ class KvTransferAgent:
         self._unreleased: list[Any] = []  # handles NIXL could not cancel yet; retried on close
         self._notifications: list[tuple[str, bytes]] = []  # received, not yet taken
         agent = new_agent(name, backends, progress_thread, vram=tensor.is_cuda)
+        regions = [tensor, self._staging]
+        if self.served is not kv_cache:
+            regions.append(self.served.tensor)
+        self._registrations: list[Any] = []
         try:
-            self._registration: Any = agent.register_memory(tensor)
+            for region in regions:
+                self._registrations.append(agent.register_memory(region))
         except Exception as e:
+            self._deregister(agent)
             raise TransferError(f"cannot register the KV cache with NIXL: {e}") from e
         try:
             self._local_blocks: Any = agent.prep_xfer_dlist(
@@ -81,11 +103,10 @@ class KvTransferAgent:
                 ),
                 self._memory_type,
             )
-            # Taken after registration: the metadata carries the registered region's keys.
+            # Taken after registration: the metadata carries the registered regions' keys.
             self._metadata = bytes(agent.get_agent_metadata())
         except Exception as e:
-            with contextlib.suppress(Exception):
-                agent.deregister_memory(self._registration)
+            self._deregister(agent)
             raise TransferError(f"cannot describe the KV cache's blocks to NIXL: {e}") from e
         self._agent = agent
         log.info(
@@ -95,6 +116,7 @@ class KvTransferAgent:
             device_id=self._device_id,
             num_blocks=kv_cache.num_blocks,
             bytes_per_block=self._bytes_per_block,
+            served_layout=self.served.layout.fingerprint(),
         )
 
     def __enter__(self) -> KvTransferAgent:
@@ -109,17 +131,22 @@ class KvTransferAgent:
 
     def region(self) -> KvRegion:
         self._open_agent()
+        served = self.served
         return KvRegion(
             agent_name=self.name,
             metadata=self._metadata,
-            layout_fingerprint=self.kv_cache.layout.fingerprint(),
-            block_size=self.kv_cache.layout.block_size,
-            base_address=self.kv_cache.tensor.data_ptr(),
-            bytes_per_block=self._bytes_per_block,
-            num_blocks=self.kv_cache.num_blocks,
+            layout_fingerprint=served.layout.fingerprint(),
+            block_size=served.layout.block_size,
+            base_address=served.tensor.data_ptr(),
+            bytes_per_block=served.layout.bytes_per_block,
+            num_blocks=served.num_blocks,
             device_id=self._device_id,
             memory_type=self._memory_type,
         )
+
+    def peer_layout(self, peer: str) -> str:
+        """The layout fingerprint of the blocks a peer serves."""
+        return self._peer(peer).region.layout_fingerprint
 
     def add_peer(self, region: KvRegion) -> str:
         """Make a peer's blocks readable; returns its name. Cheap when already added.
@@ -133,7 +160,7 @@ class KvTransferAgent:
             if known.region == region:
                 return region.agent_name
             self.remove_peer(region.agent_name)
-        self._check_compatible(region)
+        layout = self._check_compatible(region)
         try:
             loaded = as_name(agent.add_remote_agent(region.metadata))
         except Exception as e:
@@ -155,7 +182,7 @@ class KvTransferAgent:
             raise TransferError(
                 f"blocks of {region.agent_name!r} are not in its registered memory: {e}"
             ) from e
-        self._peers[region.agent_name] = _Peer(region, blocks)
+        self._peers[region.agent_name] = _Peer(region, blocks, layout)
         try:
             agent.make_connection(region.agent_name)  # starts the wireup; the first READ ends it
         except Exception as e:
@@ -191,10 +218,12 @@ class KvTransferAgent:
             )
         if len(local_block_ids) == 0 and not notify:
             return TransferResult(0, 0, 0.0)
-        agent = self._open_agent()
-        known = self._peers.get(peer)
-        if known is None:
-            raise TransferError(f"unknown peer {peer!r}: add_peer first")
+        known = self._peer(peer)
+        if known.layout is not None:
+            raise LayoutMismatchError(
+                f"peer {peer!r} writes {known.region.layout_fingerprint}, not this cache's "
+                f"layout: read_converted"
+            )
         if len(local_block_ids) == 0:
             self._notify(peer, notify)
             return TransferResult(0, 0, 0.0)
@@ -202,15 +231,86 @@ class KvTransferAgent:
         local = _indices(local_block_ids, self.kv_cache.num_blocks, "local")
         if len(np.unique(local)) != len(local):
             raise ValueError("a local block appears twice in one read")
-
-        deadline = asyncio.get_running_loop().time() + timeout_s
         started = time.perf_counter()
+        await self._read(known, self._local_blocks, local, remote, notify, timeout_s)
+        return self._count(len(local), len(local) * self._bytes_per_block, started)
+
+    async def read_converted(
+        self,
+        peer: str,
+        remote_block_ids: Sequence[int],
+        local_block_ids: Sequence[int],
+        *,
+        skip: int,
+        num_tokens: int,
+        notify: bytes = b"",
+        timeout_s: float = 30.0,
+    ) -> TransferResult:
+        """Copy `num_tokens` tokens' KV from the peer's blocks, starting `skip` tokens into
+        `remote_block_ids[0]`, into our `local_block_ids` from their first slot, converting
+        the peer's layout (block size, dtype) into ours.
+
+        The blocks are READ as they are into the staging area, as many as it holds at a time,
+        and converted on this cache's device; `notify` goes with the last READ. Raises as
+        `read_blocks` does, and TransferError if the staging area cannot hold one block.
+        """
+        known = self._peer(peer)
+        source = known.layout or self.kv_cache.layout
+        local_size = self.kv_cache.layout.block_size
+        if len(local_block_ids) != -(-num_tokens // local_size):
+            raise ValueError(f"{len(local_block_ids)} local blocks for {num_tokens} tokens")
+        if len(remote_block_ids) != -(-(skip + num_tokens) // source.block_size):
+            raise ValueError(f"{len(remote_block_ids)} remote blocks for {num_tokens} tokens")
+        _indices(local_block_ids, self.kv_cache.num_blocks, "local")
+        if num_tokens == 0:
+            if notify:
+                self._notify(peer, notify)
+            return TransferResult(0, 0, 0.0)
+        bytes_per_block = source.bytes_per_block
+        slots = self._staging.numel() // bytes_per_block
+        if slots == 0:
+            raise TransferError(
+                f"the staging area ({self._staging.numel()} bytes) cannot hold one block of "
+                f"{known.region.layout_fingerprint} ({bytes_per_block} bytes)"
+            )
+        remote = _indices(remote_block_ids, known.region.num_blocks, "remote")
+        started = time.perf_counter()
+        async with self._staging_lock:
+            staging = self._staging_list(bytes_per_block, slots)
+            written = 0
+            for first in range(0, len(remote), slots):
+                chunk = remote[first : first + slots]
+                last = first + len(chunk) >= len(remote)
+                local = np.arange(len(chunk), dtype=np.int32)
+                await self._read(known, staging, local, chunk, notify if last else b"", timeout_s)
+                raw = self._staging[: len(chunk) * bytes_per_block].view(len(chunk), -1)
+                start = skip if first == 0 else 0
+                count = min(len(chunk) * source.block_size - start, num_tokens - written)
+                tokens = tokens_of(read_raw_blocks(raw, source), start, count)
+                write_converted(self.kv_cache, list(local_block_ids), written, tokens)
+                written += count
+            if self.kv_cache.device.type == "cuda":
+                torch.cuda.current_stream(self.kv_cache.device).synchronize()
+        return self._count(len(remote), len(remote) * bytes_per_block, started)
+
+    async def _read(
+        self,
+        known: _Peer,
+        local_list: Any,
+        local: np.ndarray[Any, Any],
+        remote: np.ndarray[Any, Any],
+        notify: bytes,
+        timeout_s: float,
+    ) -> None:
+        """One READ of the peer's `remote` descriptors into our `local` ones, awaited."""
+        agent, peer = self._open_agent(), known.region.agent_name
+        deadline = asyncio.get_running_loop().time() + timeout_s
         handle: Any = None
         disconnected = False
         try:
             try:
                 handle = agent.make_prepped_xfer(
-                    "READ", self._local_blocks, local, known.blocks, remote, notify
+                    "READ", local_list, local, known.blocks, remote, notify
                 )
                 self._in_flight.add(handle)
                 state = agent.transfer(handle)
@@ -228,13 +328,36 @@ class KvTransferAgent:
             if disconnected:
                 log.warning("kv_peer_disconnected", peer=peer)
                 self.remove_peer(peer)
+
+    def _count(self, num_blocks: int, num_bytes: int, started: float) -> TransferResult:
         seconds = time.perf_counter() - started
-        result = TransferResult(len(local), len(local) * self._bytes_per_block, seconds)
+        result = TransferResult(num_blocks, num_bytes, seconds)
         self.stats.transfers += 1
-        self.stats.blocks_read += result.num_blocks
-        self.stats.bytes_read += result.num_bytes
+        self.stats.blocks_read += num_blocks
+        self.stats.bytes_read += num_bytes
         self.stats.seconds += seconds
         return result
+
+    def _peer(self, peer: str) -> _Peer:
+        self._open_agent()
+        known = self._peers.get(peer)
+        if known is None:
+            raise TransferError(f"unknown peer {peer!r}: add_peer first")
+        return known
+
+    def _staging_list(self, bytes_per_block: int, slots: int) -> Any:
+        """The staging area described as `slots` blocks of `bytes_per_block`, prepped once."""
+        prepped = self._staging_lists.get(bytes_per_block)
+        if prepped is None:
+            prepped = self._open_agent().prep_xfer_dlist(
+                LOCAL_AGENT,
+                block_descriptors(
+                    self._staging.data_ptr(), bytes_per_block, slots, self._device_id
+                ),
+                self._memory_type,
+            )
+            self._staging_lists[bytes_per_block] = prepped
+        return prepped
 
     def take_notifications(self) -> list[tuple[str, bytes]]:
         """(peer agent name, message) pairs received since the last call, oldest first per peer."""
@@ -291,10 +414,11 @@ class KvTransferAgent:
         self._unreleased.clear()
         with contextlib.suppress(Exception):
             self._local_blocks.release()
-        try:
-            agent.deregister_memory(self._registration)
-        except Exception as e:
-            log.warning("kv_deregister_failed", agent=self.name, error=str(e))
+        for prepped in self._staging_lists.values():
+            with contextlib.suppress(Exception):
+                prepped.release()
+        self._staging_lists.clear()
+        self._deregister(agent)
         self._agent = None
         log.info("kv_transfer_agent_closed", agent=self.name)
 
@@ -346,18 +470,42 @@ class KvTransferAgent:
         except Exception as e:
             raise TransferError(f"cannot notify {peer!r}: {e}") from e
 
-    def _check_compatible(self, region: KvRegion) -> None:
+    def _deregister(self, agent: Any) -> None:
+        for registration in self._registrations:
+            try:
+                agent.deregister_memory(registration)
+            except Exception as e:
+                log.warning("kv_deregister_failed", agent=self.name, error=str(e))
+        self._registrations.clear()
+
+    def _check_compatible(self, region: KvRegion) -> KvLayout | None:
+        """None when the peer's blocks copy as they are into ours; else their layout, which
+        `read_converted` converts. LayoutMismatchError when they cannot be read here."""
         layout = self.kv_cache.layout
         ours = (layout.fingerprint(), layout.block_size, self._bytes_per_block)
         theirs = (region.layout_fingerprint, region.block_size, region.bytes_per_block)
+        converted = None
         if ours != theirs:
-            raise LayoutMismatchError(
-                f"peer {region.agent_name!r} has layout {theirs}, this cache has {ours}"
-            )
+            difference = compatible(region.layout_fingerprint, layout.fingerprint())
+            if difference is None:
+                converted = KvLayout.from_fingerprint(region.layout_fingerprint)
+                expected = (
+                    converted.fingerprint(),
+                    converted.block_size,
+                    converted.bytes_per_block,
+                )
+                if expected != theirs:
+                    difference = f"its blocks are {theirs}, its layout says {expected}"
+            if difference is not None:
+                raise LayoutMismatchError(
+                    f"peer {region.agent_name!r} has layout {theirs}, this cache has {ours}: "
+                    f"{difference}"
+                )
         if region.agent_name == self.name:
             raise TransferError(f"{self.name!r} cannot be its own peer")
         if region.memory_type not in _MEMORY_TYPES:
             raise TransferError(f"unknown memory type {region.memory_type!r}")
+        return converted
 
     def _open_agent(self) -> Any:
         if self._agent is None:

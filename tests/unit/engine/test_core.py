@@ -6,6 +6,7 @@ before the previous one is read, as on a GPU), which must not change a single to
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 
 from kvmesh import models
 from kvmesh.engine import EngineConfig, faults
+from kvmesh.engine.sequence import SeqKind
 from kvmesh.engine.torch_engine import TorchCore
 from kvmesh.errors import (
     InvalidRequestError,
@@ -230,8 +232,17 @@ def test_import_rejects_a_mismatched_export(core: TorchCore) -> None:
     other.add(request, prefill_only=True)
     (result,) = run_until_idle(other)
     assert isinstance(result, PrefillOutput) and result.export is not None
-    with pytest.raises(LayoutMismatchError, match="block size 8 vs 4"):
-        core.reserve_import(request, result.export)
+    # Another block size converts on import: the plan is in this engine's blocks.
+    plan = core.reserve_import(request, result.export)
+    assert (len(plan.block_ids), plan.block_size) == (2, 4)
+    core.abort("m1")
+    layers = core.kv_cache.layout.num_layers
+    alien = dataclasses.replace(
+        result.export,
+        layout_fingerprint=result.export.layout_fingerprint.replace(f":L{layers}:", ":L99:"),
+    )
+    with pytest.raises(LayoutMismatchError, match=f"layers 99 vs {layers}"):
+        core.reserve_import(request, alien)
     other.release_export("m1")
     with pytest.raises(UnknownRequestError):
         other.release_export("m1")
@@ -461,3 +472,58 @@ def test_a_request_that_fails_the_step_fails_alone_and_its_batch_goes_on(
     assert [tokens[request_id] for request_id in ids if request_id != ids[position]] == expected
     assert ids[position] not in tokens
     assert core.stats.num_requests_failed >= 1
+
+
+def test_exports_in_another_dtype_leave_through_a_pool_of_their_own() -> None:
+    """--transfer-dtype fp8_e4m3: the export names FP8 blocks of the export pool, the cache's
+    blocks are not pinned, and releasing the export gives the pool its blocks back."""
+    exporter = tiny(transfer_dtype="fp8_e4m3", block_size=4)
+    assert exporter.exports is not None
+    request = GenerateRequest("x1", tuple(range(5, 15)), NO_EOS)
+    exporter.add(request, prefill_only=True)
+    (result,) = run_until_idle(exporter)
+    assert isinstance(result, PrefillOutput) and result.export is not None
+    export = result.export
+    assert export.layout_fingerprint.endswith(":B4:e4m3")
+    assert export.layout_fingerprint == exporter.exports.layout_fingerprint
+    assert len(export.block_ids) == 3 and exporter.exports.num_free_blocks == 128 - 3
+    assert exporter.load().num_blocks_pinned == 0
+    # The FP8 blocks hold the cache's KV to e4m3 precision (the last block's tail is zero).
+    seq = exporter._new_sequence(request, SeqKind.GENERATE)
+    seq.extend_hashes(4)
+    hits = exporter.pool.lookup(seq.block_hashes)  # the prompt's two full blocks, still cached
+    assert len(hits) == 2
+    original = exporter.kv_cache.read_values(hits)
+    sent = exporter.exports.cache.read_values(list(export.block_ids[: len(hits)]))
+    assert torch.allclose(sent, original, rtol=0.07, atol=0.07 * original.abs().max().item())
+    exporter.release_export("x1")
+    assert exporter.exports.is_whole() and exporter.is_idle_and_whole()
+
+
+def test_an_export_that_finds_the_pool_full_fails_alone() -> None:
+    exporter = tiny(transfer_dtype="fp8_e4m3", block_size=4, num_blocks=4)
+    assert exporter.exports is not None
+    short = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    exporter.add(GenerateRequest("fits", tuple(range(5, 17)), short), prefill_only=True)
+    run_until_idle(exporter)
+    exporter.add(GenerateRequest("full", (5, 6, 7, 8, 9, 10, 12), short), prefill_only=True)
+    assert run_until_idle(exporter) == []
+    ((failed, error),) = exporter.take_failures()
+    assert failed == "full" and "no room to export" in str(error)
+    exporter.release_export("fits")
+    assert exporter.is_idle_and_whole()
+
+
+def test_an_fp8_cache_serves_and_hashes_apart() -> None:
+    fp8 = tiny(kv_dtype="fp8_e4m3")
+    assert fp8.info.kv_dtype == "fp8_e4m3"
+    assert fp8.info.layout_fingerprint.endswith(":B4:e4m3")
+    plain = tiny()
+    request = GenerateRequest("h", tuple(range(5, 13)), NO_EOS)
+    assert (
+        fp8._new_sequence(request, SeqKind.GENERATE).root
+        != plain._new_sequence(request, SeqKind.GENERATE).root
+    )
+    (tokens,) = generate(fp8, [list(range(5, 25))], NO_EOS)
+    assert len(tokens) == NO_EOS.max_tokens
+    assert fp8.is_idle_and_whole()

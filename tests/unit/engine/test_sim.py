@@ -120,7 +120,9 @@ async def test_repeated_prompt_hits_the_prefix_cache_and_publishes_kv_events(
         if isinstance(event, BlockStored)
         for h in event.block_hashes
     ]
-    expected = hash_blocks(prompt, 16, root_hash(engine.info.model_id))
+    expected = hash_blocks(
+        prompt, 16, root_hash(engine.info.model_id, kv_dtype=engine.info.kv_dtype)
+    )
     assert stored[:4] == expected
     hashes, last_event_id = await engine.kv_snapshot()
     assert set(expected) <= set(hashes)

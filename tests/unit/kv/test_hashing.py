@@ -12,6 +12,7 @@ GOLDEN_ROOT_WITH_ADAPTER = 0xE0F4E06AF6C0A1CA
 GOLDEN_CHAIN_0_TO_9_BS4 = [0x8417099D442C8479, 0x94FB7A1092E5FF4C]
 GOLDEN_LLAMA_1_TO_8_BS4 = [0x53F8708E42B297BD, 0xCDE3001212A893CE]
 GOLDEN_EDGE_TOKENS = 0x3CFDCAE69DDFB31C
+GOLDEN_ROOT_FP8 = 0xF0D41D30FC0CB2AF
 
 
 def test_golden_vectors() -> None:
@@ -21,6 +22,15 @@ def test_golden_vectors() -> None:
     assert hash_blocks(list(range(10)), 4, root) == GOLDEN_CHAIN_0_TO_9_BS4
     assert hash_blocks([1, 2, 3, 4, 5, 6, 7, 8], 4, root_hash("llama")) == GOLDEN_LLAMA_1_TO_8_BS4
     assert hash_block(root, [0, 2**32 - 1, 49151, 7]) == GOLDEN_EDGE_TOKENS
+    assert root_hash("m", kv_dtype="fp8_e4m3") == GOLDEN_ROOT_FP8
+
+
+def test_the_kv_dtype_is_folded_in_after_the_salt() -> None:
+    material = b"kvmesh/v1\x00m\x00\x00salt:t\x00kv:fp8_e4m3"
+    assert root_hash("m", salt="t", kv_dtype="fp8_e4m3") == xxhash.xxh3_64_intdigest(
+        material, seed=HASH_SEED
+    )
+    assert len({root_hash("m", kv_dtype=d) for d in ("", "bfloat16", "fp8_e4m3")}) == 3
 
 
 def test_matches_the_written_definition() -> None:

@@ -43,10 +43,8 @@ def test_equal_layouts_are_compatible_whatever_the_attention_backend() -> None:
 @pytest.mark.parametrize(
     ("decode", "difference"),
     [
-        ("kvmesh-kv/v1:LT2HD:L30:H3:D64:B32:f32", "block size 16 vs 32"),
-        ("kvmesh-kv/v1:LT2HD:L30:H3:D64:B16:f16", "dtype f32 vs f16"),
-        ("kvmesh-kv/v1:LT2HD:L30:H3:D64:B32:bf16", "block size 16 vs 32; dtype f32 vs bf16"),
-        ("kvmesh-kv/v1:LT2HD:L24:H3:D64:B16:f32", "layers 30 vs 24"),
+        ("kvmesh-kv/v1:LT2HD:L30:H3:D64:B16:f8", "dtype f32 vs f8"),  # no such dtype
+        ("kvmesh-kv/v1:LT2HD:L24:H3:D64:B64:f16", "layers 30 vs 24"),
         ("kvmesh-kv/v1:LT2HD:L30:H5:D64:B16:f32", "KV heads 3 vs 5"),
         ("kvmesh-kv/v1:LT2HD:L30:H3:D128:B16:f32", "head dim 64 vs 128"),
         ("kvmesh-kv/v1:LTH2D:L30:H3:D64:B16:f32", "order LT2HD vs LTH2D"),
@@ -56,6 +54,21 @@ def test_equal_layouts_are_compatible_whatever_the_attention_backend() -> None:
 )
 def test_each_difference_is_named_prefill_first(decode: str, difference: str) -> None:
     assert compatible(SMOLLM2, decode) == difference
+
+
+@pytest.mark.parametrize(
+    "decode",
+    [
+        "kvmesh-kv/v1:LT2HD:L30:H3:D64:B64:f32",
+        "kvmesh-kv/v1:LT2HD:L30:H3:D64:B4:f32",
+        "kvmesh-kv/v1:LT2HD:L30:H3:D64:B16:bf16",
+        "kvmesh-kv/v1:LT2HD:L30:H3:D64:B16:e4m3",
+        "kvmesh-kv/v1:LT2HD:L30:H3:D64:B64:f16",
+    ],
+)
+def test_block_size_and_dtype_convert_on_import(decode: str) -> None:
+    assert compatible(SMOLLM2, decode) is None
+    assert compatible(decode, SMOLLM2) is None
 
 
 def test_opaque_layouts_are_compatible_only_when_equal() -> None:
@@ -72,5 +85,5 @@ def test_transfer_modes_must_agree_where_both_are_known() -> None:
     mesh, engine = parse(SMOLLM2, transfer_mode="mesh"), parse(SMOLLM2, transfer_mode="engine")
     assert compatible(mesh, engine) == "transfer mode mesh vs engine"
     assert compatible(mesh, SMOLLM2) is None  # a handle does not say: the layout decides
-    mixed = parse("kvmesh-kv/v1:LT2HD:L30:H3:D64:B32:f32", transfer_mode="engine")
-    assert compatible(mesh, mixed) == "block size 16 vs 32; transfer mode mesh vs engine"
+    mixed = parse("kvmesh-kv/v1:LT2HD:L32:H3:D64:B32:f32", transfer_mode="engine")
+    assert compatible(mesh, mixed) == "layers 30 vs 32; transfer mode mesh vs engine"

@@ -131,8 +131,8 @@ def test_add_peer_refuses_another_layout(change: dict[str, object]) -> None:
         assert reader.peers == ()
 
 
-def test_add_peer_refuses_a_real_cache_of_another_layout() -> None:
-    other = KvLayout(2, 2, 8, 4, torch.bfloat16)
+def test_add_peer_refuses_a_real_cache_of_another_model_shape() -> None:
+    other = KvLayout(2, 4, 8, 4, torch.float32)  # KV heads differ: nothing to convert
     with (
         _agent("decode") as reader,
         KvTransferAgent(
@@ -193,3 +193,95 @@ async def test_with_progress_threads_reads_need_no_serve() -> None:
 
         assert _bytes(reader.kv_cache, [0, 5]) == _bytes(source.kv_cache, [6, 2])
         assert await source.wait_notifications(timeout_s=10) == [(reader.name, b"threaded")]
+
+
+def _source(layout: KvLayout, num_blocks: int, tokens: torch.Tensor) -> KvTransferAgent:
+    """An agent whose cache holds `tokens` `[T, L, 2, H, D]` in order from block 0, in
+    `layout` (quantized for FP8)."""
+    from kvmesh.kv.convert import write_converted
+
+    cache = PagedKvCache(layout, num_blocks, torch.device("cpu"))
+    write_converted(cache, list(range(num_blocks)), 0, tokens)
+    return KvTransferAgent(f"src-{uuid.uuid4().hex[:8]}", cache)
+
+
+@pytest.mark.parametrize(
+    ("block_size", "dtype", "tolerance"),
+    [
+        (8, torch.float32, 0.0),  # block size only: exact
+        (2, torch.bfloat16, 1e-2),
+        (8, torch.float8_e4m3fn, 7e-2),  # e4m3 keeps 3 mantissa bits: 1/16 relative
+    ],
+)
+async def test_read_converted_repacks_another_block_size_and_dtype(
+    block_size: int, dtype: torch.dtype, tolerance: float
+) -> None:
+    tokens = torch.randn((40, 2, 2, 2, 8), generator=torch.Generator().manual_seed(3))
+    layout = LAYOUT.with_changes(block_size=block_size, dtype=dtype)
+    source = _source(layout, 40 // block_size, tokens)
+    reader = _agent("decode")
+    try:
+        reader.add_peer(source.region())
+        serving = asyncio.create_task(source.serve())
+        skip, count = 6, 30  # from inside a source block, past a local block's end
+        first, last = skip // block_size, -(-(skip + count) // block_size)
+        local = [9, 2, 14, 5, 0, 11, 7, 3][: -(-count // LAYOUT.block_size)]
+        result = await reader.read_converted(
+            source.name,
+            list(range(first, last)),
+            local,
+            skip=skip - first * block_size,
+            num_tokens=count,
+            notify=b"done",
+        )
+        assert result.num_blocks == last - first
+        assert result.num_bytes == (last - first) * layout.bytes_per_block
+        got = reader.kv_cache.read_values(local).transpose(1, 2).reshape(-1, 2, 2, 2, 8)[:count]
+        want = tokens[skip : skip + count]
+        assert torch.allclose(got, want, rtol=tolerance, atol=tolerance * want.abs().max())
+        untouched = [b for b in range(NUM_BLOCKS) if b not in local]
+        assert not reader.kv_cache.tensor[untouched].any()
+        notes = await source.wait_notifications(timeout_s=5)
+        assert notes == [(reader.name, b"done")]
+        with pytest.raises(LayoutMismatchError, match="read_converted"):
+            await reader.read_blocks(source.name, [0], [0])
+    finally:
+        reader.close()
+        source.close()
+        await asyncio.wait_for(serving, timeout=5)
+
+
+async def test_read_converted_works_in_chunks_through_a_small_staging_area() -> None:
+    tokens = torch.randn((64, 2, 2, 2, 8), generator=torch.Generator().manual_seed(4))
+    layout = LAYOUT.with_changes(block_size=8, dtype=torch.bfloat16)
+    source = _source(layout, 8, tokens)
+    cache = PagedKvCache(LAYOUT, NUM_BLOCKS, torch.device("cpu"))
+    reader = KvTransferAgent(
+        f"small-{uuid.uuid4().hex[:8]}", cache, staging_bytes=3 * layout.bytes_per_block
+    )
+    try:
+        reader.add_peer(source.region())
+        serving = asyncio.create_task(source.serve())
+        local = list(range(15, -1, -1))
+        await reader.read_converted(source.name, list(range(8)), local, skip=0, num_tokens=64)
+        got = reader.kv_cache.read_values(local).transpose(1, 2).reshape(-1, 2, 2, 2, 8)
+        assert torch.allclose(got, tokens.bfloat16().float())
+        assert reader.stats.transfers == 1 and reader.stats.blocks_read == 8
+    finally:
+        reader.close()
+        source.close()
+        await asyncio.wait_for(serving, timeout=5)
+
+
+def test_staging_smaller_than_a_block_is_a_clear_error() -> None:
+    layout = LAYOUT.with_changes(block_size=8)
+    source = _source(layout, 1, torch.zeros((8, 2, 2, 2, 8)))
+    cache = PagedKvCache(LAYOUT, NUM_BLOCKS, torch.device("cpu"))
+    reader = KvTransferAgent(f"tiny-{uuid.uuid4().hex[:8]}", cache, staging_bytes=16)
+    try:
+        reader.add_peer(source.region())
+        with pytest.raises(TransferError, match="cannot hold one block"):
+            asyncio.run(reader.read_converted(source.name, [0], [0, 1], skip=0, num_tokens=8))
+    finally:
+        reader.close()
+        source.close()

@@ -24,17 +24,19 @@ MODEL = "m"
 PROMPT = list(range(100, 100 + 8 * 16))
 
 
-def fingerprint(block_size: int = 16, dtype: str = "f32") -> str:
-    return f"kvmesh-kv/v1:LT2HD:L30:H3:D64:B{block_size}:{dtype}"
+def fingerprint(block_size: int = 16, dtype: str = "f32", layers: int = 30) -> str:
+    return f"kvmesh-kv/v1:LT2HD:L{layers}:H3:D64:B{block_size}:{dtype}"
 
 
-def join(pool: WorkerPool, worker: Worker, block_size: int = 16, dtype: str = "f32") -> Worker:
+def join(
+    pool: WorkerPool, worker: Worker, block_size: int = 16, dtype: str = "f32", layers: int = 30
+) -> Worker:
     """As the pool's load watcher does when a worker's GetInfo answers."""
     worker.info = worker_pb2.WorkerInfo(
         worker_id=worker.worker_id,
         model=MODEL,
         block_size=block_size,
-        layout_fingerprint=fingerprint(block_size, dtype),
+        layout_fingerprint=fingerprint(block_size, dtype, layers),
     )
     pool._workers[worker.tier][worker.worker_id] = worker
     pool._check_pairs(worker)
@@ -66,15 +68,15 @@ def test_only_compatible_workers_pair_and_each_bad_pair_is_logged_once() -> None
     p16 = join(pool, worker("p16", "prefill"))
     with capture_logs() as logs:
         d16 = join(pool, worker("d16", "decode"))
-        d32 = join(pool, worker("d32", "decode"), block_size=32)
-        join(pool, d32, block_size=32)  # its info again (a reconnect): no second warning
+        d32 = join(pool, worker("d32", "decode"), block_size=32, layers=24)
+        join(pool, d32, block_size=32, layers=24)  # its info again (a reconnect): no warning
     assert pool.incompatibility(p16, d16) is None
-    assert pool.incompatibility(p16, d32) == "block size 16 vs 32"
-    assert pool.incompatibility(d32, p16) == "block size 16 vs 32"  # either order
+    assert pool.incompatibility(p16, d32) == "layers 30 vs 24"
+    assert pool.incompatibility(d32, p16) == "layers 30 vs 24"  # either order
     warnings = [e for e in logs if e["log_level"] == "warning"]
     assert len(warnings) == 1
     assert warnings[0]["prefill_worker"] == "p16" and warnings[0]["decode_worker"] == "d32"
-    assert warnings[0]["difference"] == "block size 16 vs 32"
+    assert warnings[0]["difference"] == "layers 30 vs 24"
     assert pool.candidates("prefill", paired_with=d16) == [p16]
     assert pool.candidates("prefill", paired_with=d32) == []
     assert pool.candidates("prefill") == [p16]  # unpaired, every ready worker
@@ -90,8 +92,8 @@ def test_the_transfer_mode_from_discovery_counts() -> None:
 async def test_a_worker_that_leaves_takes_its_pairs_along() -> None:
     pool = new_pool()
     p = join(pool, worker("p", "prefill"))
-    d = join(pool, worker("d", "decode"), dtype="f16")
-    assert pool.incompatibility(p, d) == "dtype f32 vs f16"
+    d = join(pool, worker("d", "decode"), layers=24)
+    assert pool.incompatibility(p, d) == "layers 30 vs 24"
     channel: Any = _ClosableChannel()
     d.channel = channel
     await pool._remove(pool._workers["decode"].pop("d"))
@@ -102,7 +104,7 @@ def test_the_planner_picks_a_prefill_worker_the_decode_worker_can_read() -> None
     pool = new_pool()
     for w in ("p16", "p32", "d32"):
         pool.index.reset(w, [], last_event_id=0)
-    join(pool, worker("p16", "prefill"))
+    join(pool, worker("p16", "prefill"), layers=24)
     join(pool, worker("p32", "prefill"), block_size=32)
     join(pool, worker("d32", "decode"), block_size=32)
     # p16 holds the whole prompt and idles; p32 is busy: only p32 can feed d32 all the same.
@@ -112,7 +114,7 @@ def test_the_planner_picks_a_prefill_worker_the_decode_worker_can_read() -> None
     assert plan.prefill is not None and plan.prefill.chosen is not None
     assert plan.prefill.chosen.worker.worker_id == "p32"
     assert [c.worker.worker_id for c in plan.prefill.candidates] == ["p32"]
-    assert plan.block_size == 32
+    assert plan.decode_hashes.block_size == 32
     assert plan.hashes == hash_blocks(PROMPT, 32, root_hash(MODEL))
     retry = planner(pool).again(plan, "prefill", exclude=["p32"])
     assert retry.chosen is None  # p16 is no fallback for a prefill retry either
@@ -121,7 +123,7 @@ def test_the_planner_picks_a_prefill_worker_the_decode_worker_can_read() -> None
 def test_no_compatible_prefill_worker_means_aggregated_with_a_reason() -> None:
     pool = new_pool()
     join(pool, worker("p", "prefill"))
-    join(pool, worker("d", "decode"), block_size=32)
+    join(pool, worker("d", "decode"), block_size=32, layers=24)
     before = decisions(NO_COMPATIBLE_PREFILL)
     plan = planner(pool).plan(PROMPT)
     assert plan.prefill is None
@@ -134,7 +136,7 @@ def test_no_compatible_prefill_worker_means_aggregated_with_a_reason() -> None:
 def test_a_short_prompt_stays_aggregated_without_that_reason() -> None:
     pool = new_pool()
     join(pool, worker("p", "prefill"))
-    join(pool, worker("d", "decode"), block_size=32)
+    join(pool, worker("d", "decode"), block_size=32, layers=24)
     before = decisions(NO_COMPATIBLE_PREFILL)
     assert planner(pool, disagg_min_tokens=10_000).plan(PROMPT).prefill is None
     assert decisions(NO_COMPATIBLE_PREFILL) == before
@@ -143,7 +145,7 @@ def test_a_short_prompt_stays_aggregated_without_that_reason() -> None:
 def test_an_ejected_compatible_worker_beats_an_incompatible_healthy_one() -> None:
     pool = new_pool()
     good = join(pool, worker("good", "prefill"))
-    join(pool, worker("other", "prefill"), dtype="bf16")
+    join(pool, worker("other", "prefill"), layers=24)
     d = join(pool, worker("d", "decode"))
     for _ in range(pool.outliers.config.consecutive_failures):
         pool.outliers.record("good", "prefill", ok=False)
@@ -172,7 +174,7 @@ class _Call:
     async def __anext__(self) -> worker_pb2.DecodeResponse:
         if self._request.HasField("kv_handle"):
             empty = grpc.aio.Metadata()
-            details = "cannot import KV: block size 16 vs 32"
+            details = "cannot import KV: layers 30 vs 24"
             raise grpc.aio.AioRpcError(
                 grpc.StatusCode.FAILED_PRECONDITION, empty, empty, details, debug_error_string=""
             )
