@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks of the engine, in stages, for a lent GPU machine (see docs/engines.md):
 #   scripts/gpu.sh STAGE...   with STAGE in: kernels profile engine sync baseline accuracy gputests
-#                                           mesh secure
+#                                           mesh secure fp8
 # Results go to $OUT (default ./gpu-out). Wheels the machine lacks are installed from .whl/ if
 # present; a real SmolLM2 GGUF at $KVMESH_GGUF is used for accuracy checks, else dummy weights.
 set -uo pipefail
@@ -56,6 +56,14 @@ for stage in "$@"; do
       run $KV bench-mesh --model $MODEL --device cuda --num-blocks 2048 --prompt-tokens 1024 \
         --max-tokens 32 --requests 20 --secure-vs-plain --rounds 2 \
         --json-out "$OUT/mesh-secure-vs-plain.json" ;;
+    fp8)  # FP8 KV: the transfer beside bf16 (VRAM -> VRAM), and the FP8 cache's quality
+      run python3 -m kvmesh.bench.transfer --num-tokens 4096 --shape llama8b --device cuda:0 \
+        --transfer-dtype fp8_e4m3 --repeats 20 > "$OUT/transfer-llama8b-fp8.json"
+      tail -22 "$OUT/transfer-llama8b-fp8.json"
+      run python3 -m kvmesh.bench.kv_dtype --model "${KVMESH_GGUF:-dummy:smollm2-135m}" \
+        --device cuda --prompts 20 --max-tokens 32 --json-out "$OUT/kv-dtype.json" | tail -25
+      KVMESH_REPORT_DIR=$OUT run python3 -m pytest -q -x tests/unit/kv tests/unit/engine \
+        -k "fp8 or quant or convert or kv_dtype" -p no:cacheprovider 2>&1 | tail -5 ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done

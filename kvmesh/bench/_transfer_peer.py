@@ -23,7 +23,8 @@ from typing import Any
 import click
 import torch
 
-from kvmesh.kv.cache import KvLayout, PagedKvCache
+from kvmesh.kv.cache import KvLayout, PagedKvCache, kv_dtype
+from kvmesh.kv.quant import quantize_blocks
 from kvmesh.kv.transfer.agent import KvTransferAgent
 from kvmesh.kv.transfer.types import KvRegion
 from kvmesh.telemetry import configure_logging
@@ -45,24 +46,37 @@ SHAPES = {
 }
 
 
-def layout_for(shape: str, device: torch.device) -> KvLayout:
-    """The KV layout of a model shape: float32 on the CPU, bfloat16 on a GPU, as served."""
+def layout_for(shape: str, device: torch.device, dtype: str | None = None) -> KvLayout:
+    """The KV layout of a model shape: float32 on the CPU, bfloat16 on a GPU, as served (or
+    `dtype`, a KV dtype name such as `fp8_e4m3`)."""
     model = SHAPES[shape]
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    return KvLayout(model.num_layers, model.num_kv_heads, model.head_dim, BLOCK_SIZE, dtype)
+    served = torch.float32 if device.type == "cpu" else torch.bfloat16
+    chosen = served if dtype is None else kv_dtype(dtype)
+    return KvLayout(model.num_layers, model.num_kv_heads, model.head_dim, BLOCK_SIZE, chosen)
+
+
+def expected_values(layout: KvLayout, device: torch.device, block_id: int) -> torch.Tensor:
+    """The pattern of block `block_id` in float32: every block differs, every element too."""
+    numel = math.prod(layout.block_shape)
+    offset = (7 * block_id) % _PATTERN_PERIOD
+    values = (torch.arange(numel, device=device) + offset) % _PATTERN_PERIOD
+    return values.float().view(layout.block_shape)
 
 
 def expected_block(cache: PagedKvCache, block_id: int) -> torch.Tensor:
-    """What `fill_blocks` writes into block `block_id`: every block differs, every element too."""
-    numel = math.prod(cache.layout.block_shape)
-    offset = (7 * block_id) % _PATTERN_PERIOD
-    values = (torch.arange(numel, device=cache.device) + offset) % _PATTERN_PERIOD
-    return values.to(cache.layout.dtype).view(cache.layout.block_shape)
+    """What `fill_blocks` writes into block `block_id` of a 16- or 32-bit cache."""
+    return expected_values(cache.layout, cache.device, block_id).to(cache.layout.dtype)
 
 
 def fill_blocks(cache: PagedKvCache) -> None:
     for block_id in range(cache.num_blocks):
-        cache.tensor[block_id] = expected_block(cache, block_id)
+        values = expected_values(cache.layout, cache.device, block_id)
+        if cache.scales is not None:
+            cache.data[block_id], cache.scales[block_id] = (
+                t[0] for t in quantize_blocks(values[None])
+            )
+        else:
+            cache.tensor[block_id] = values.to(cache.layout.dtype)
 
 
 def region_to_json(region: KvRegion) -> dict[str, Any]:
@@ -75,10 +89,12 @@ def region_from_json(fields: dict[str, Any]) -> KvRegion:
     return KvRegion(**{**fields, "metadata": base64.b64decode(fields["metadata"])})
 
 
-async def serve_blocks(name: str, shape: str, device: torch.device, num_blocks: int) -> None:
+async def serve_blocks(
+    name: str, shape: str, device: torch.device, num_blocks: int, dtype: str | None
+) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    cache = PagedKvCache(layout_for(shape, device), num_blocks, device)
+    cache = PagedKvCache(layout_for(shape, device, dtype), num_blocks, device)
     fill_blocks(cache)
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # readers' copies run on NIXL's streams, not ours
@@ -97,9 +113,10 @@ async def serve_blocks(name: str, shape: str, device: torch.device, num_blocks: 
 @click.option("--shape", type=click.Choice(sorted(SHAPES)), default="smollm2")
 @click.option("--device", default="cpu")
 @click.option("--num-blocks", type=int, required=True)
-def main(name: str, shape: str, device: str, num_blocks: int) -> None:
+@click.option("--dtype", default=None, help="a KV dtype [default: as served on the device]")
+def main(name: str, shape: str, device: str, num_blocks: int, dtype: str | None) -> None:
     configure_logging("WARNING")
-    asyncio.run(serve_blocks(name, shape, torch.device(device), num_blocks))
+    asyncio.run(serve_blocks(name, shape, torch.device(device), num_blocks, dtype))
 
 
 if __name__ == "__main__":

@@ -10,8 +10,14 @@ copy is reported beside it) and, on two GPUs, torch's device-to-device copy betw
 "contiguous" ones in order (NIXL merges them into one large copy). Times are the best
 of `repeats` after a warm-up; GB/s are 10^9 bytes per second.
 
+With `--transfer-dtype fp8_e4m3` the same run also moves the blocks as a prefill worker with
+that option sends them (FP8 with per-block scales, about half the bytes of bf16): the bare READ
+of the FP8 blocks, and the READ plus the conversion into the reader's own cache
+(`KvTransferAgent.read_converted`), side by side with the native READ.
+
     python -m kvmesh.bench.transfer --num-tokens 2048 --shape smollm2 --device cpu
     python -m kvmesh.bench.transfer --shape llama8b --device cuda:0 --peer-device cuda:1
+    python -m kvmesh.bench.transfer --shape llama8b --device cuda:0 --transfer-dtype fp8_e4m3
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import torch
 from kvmesh.bench._transfer_peer import (
     SHAPES,
     expected_block,
+    expected_values,
     layout_for,
     region_from_json,
 )
@@ -46,7 +53,13 @@ _READ_TIMEOUT_S = 60.0
 
 
 async def run_transfer_benchmark(
-    *, num_tokens: int, shape: str, device: str, peer_device: str | None, repeats: int
+    *,
+    num_tokens: int,
+    shape: str,
+    device: str,
+    peer_device: str | None,
+    repeats: int,
+    transfer_dtype: str | None = None,
 ) -> dict[str, Any]:
     """Measure one READ of `num_tokens` tokens' KV from a child process; a JSON-ready report."""
     if shape not in SHAPES:
@@ -108,7 +121,81 @@ async def run_transfer_benchmark(
     if peer_copy_s is not None:
         report["device_to_device_copy_gbps"] = _gbps(num_bytes, peer_copy_s)
         report["ratio_nixl_to_device_to_device_copy"] = round(peer_copy_s / nixl["scattered"], 3)
+    if transfer_dtype is not None:
+        sent = await _time_sent_in(transfer_dtype, shape, here, there, num_blocks, repeats)
+        sent["ratio_bytes_to_native"] = round(sent["bytes"] / num_bytes, 4)
+        sent["ratio_read_seconds_to_native"] = round(sent["read_seconds"] / nixl["scattered"], 3)
+        sent["ratio_read_and_convert_seconds_to_native"] = round(
+            sent["read_and_convert_seconds"] / nixl["scattered"], 3
+        )
+        report["transfer_dtype"] = sent
     return report
+
+
+async def _time_sent_in(
+    dtype: str,
+    shape: str,
+    here: torch.device,
+    there: torch.device,
+    num_blocks: int,
+    repeats: int,
+) -> dict[str, Any]:
+    """The blocks served in `dtype`: best seconds of the bare READ (into a cache of that
+    layout) and of the READ plus the conversion into the native layout; both scattered."""
+    sent = layout_for(shape, there, dtype)
+    native = layout_for(shape, here)
+    peer = await _start_peer(shape, str(there), num_blocks, dtype)
+    try:
+        region = await _region_of(peer)
+        shuffled = random.Random(0).sample(range(num_blocks), num_blocks)
+        remote = list(range(num_blocks))
+        same = PagedKvCache(sent, num_blocks, here)
+        with KvTransferAgent(f"bench-raw-{os.getpid()}", same) as agent:
+            agent.add_peer(region)
+            await agent.read_blocks(region.agent_name, remote, shuffled, notify=b"warm-up")
+            read_s = min(
+                [
+                    (await agent.read_blocks(region.agent_name, remote, shuffled)).seconds
+                    for _ in range(repeats)
+                ]
+            )
+        cache = PagedKvCache(native, num_blocks, here)
+        staging = num_blocks * sent.bytes_per_block
+        with KvTransferAgent(f"bench-convert-{os.getpid()}", cache, staging_bytes=staging) as agent:
+            agent.add_peer(region)
+            num_tokens = num_blocks * native.block_size
+
+            async def read() -> float:
+                started = time.perf_counter()
+                await agent.read_converted(
+                    region.agent_name, remote, shuffled, skip=0, num_tokens=num_tokens
+                )
+                return time.perf_counter() - started
+
+            await read()
+            error = _conversion_error(cache, shuffled, remote)
+            convert_s = min([await read() for _ in range(repeats)])
+    finally:
+        await _stop(peer)
+    return {
+        "dtype": dtype,
+        "bytes": num_blocks * sent.bytes_per_block,
+        "bytes_per_block": sent.bytes_per_block,
+        "read_seconds": read_s,
+        "read_gbps": _gbps(num_blocks * sent.bytes_per_block, read_s),
+        "read_and_convert_seconds": convert_s,
+        "max_relative_error": error,
+    }
+
+
+def _conversion_error(cache: PagedKvCache, local: list[int], remote: list[int]) -> float:
+    """The largest error of the converted blocks against the pattern, relative to its range."""
+    worst = 0.0
+    for local_id, remote_id in zip(local, remote, strict=True):
+        want = expected_values(cache.layout, cache.device, remote_id)
+        got = cache.read_values([local_id])[0]
+        worst = max(worst, float((got - want).abs().max()) / 250.0)
+    return round(worst, 5)
 
 
 def run(
@@ -117,6 +204,7 @@ def run(
     device: str = "cpu",
     peer_device: str | None = None,
     repeats: int = 10,
+    transfer_dtype: str | None = None,
 ) -> dict[str, Any]:
     return asyncio.run(
         run_transfer_benchmark(
@@ -125,6 +213,7 @@ def run(
             device=device,
             peer_device=peer_device,
             repeats=repeats,
+            transfer_dtype=transfer_dtype,
         )
     )
 
@@ -178,7 +267,10 @@ def _gbps(num_bytes: int, seconds: float) -> float:
     return round(num_bytes / seconds / 1e9, 3)
 
 
-async def _start_peer(shape: str, device: str, num_blocks: int) -> asyncio.subprocess.Process:
+async def _start_peer(
+    shape: str, device: str, num_blocks: int, dtype: str | None = None
+) -> asyncio.subprocess.Process:
+    extra = [] if dtype is None else ["--dtype", dtype]
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -191,6 +283,7 @@ async def _start_peer(shape: str, device: str, num_blocks: int) -> asyncio.subpr
         device,
         "--num-blocks",
         str(num_blocks),
+        *extra,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
     )
@@ -225,9 +318,22 @@ async def _stop(peer: asyncio.subprocess.Process) -> None:
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda:N (the reader)")
 @click.option("--peer-device", default=None, help="the source's device [default: --device]")
 @click.option("--repeats", type=int, default=10, show_default=True)
-def main(num_tokens: int, shape: str, device: str, peer_device: str | None, repeats: int) -> None:
+@click.option(
+    "--transfer-dtype",
+    type=click.Choice(["fp8_e4m3", "bfloat16", "float16", "float32"]),
+    default=None,
+    help="also move the blocks in this dtype, as a prefill worker with the option sends them",
+)
+def main(
+    num_tokens: int,
+    shape: str,
+    device: str,
+    peer_device: str | None,
+    repeats: int,
+    transfer_dtype: str | None,
+) -> None:
     configure_logging("WARNING")
-    report = run(num_tokens, shape, device, peer_device, repeats)
+    report = run(num_tokens, shape, device, peer_device, repeats, transfer_dtype)
     click.echo(json.dumps(report, indent=2))
 
 
