@@ -283,11 +283,13 @@ class TrtllmEngine:
         live.num_delivered = len(state.first_gen_tokens)
         live.first_token_id = state.first_gen_tokens[0]
         try:
-            live.pending = await anext(self._iterate(live))
+            live.pending = await anext(self._iterate(live), None)
+            if live.pending is None:
+                raise EngineError("the generation-only request ended without an output")
         except BaseException as e:
             self._live.pop(request.request_id, None)
             _abort_result(live.result)
-            if isinstance(e, Exception) and not isinstance(e, KvmeshError):
+            if isinstance(e, EngineError):
                 raise TransferError(
                     f"TensorRT-LLM's generation-only request failed before its first token "
                     f"(the KV did not arrive): {e}"
@@ -519,7 +521,7 @@ class TrtllmEngine:
         """Feed `sink` with what `source(timeout)` yields (an async iterable that ends when
         nothing came within the timeout), for as long as the engine runs."""
         timeout = self._options.events_timeout_s
-        while True:
+        while not self._stopping:
             started, received = time.monotonic(), 0
             try:
                 async for item in source(timeout):
