@@ -204,8 +204,10 @@ class TrtllmEngine:
         live = self._submit(request, sampling, context_only, streaming=False)
         try:
             out = await self._last_output(live)
-        except BaseException:
+        except BaseException as e:
             _abort_result(live.result)
+            if isinstance(e, asyncio.CancelledError):
+                self._stats.num_requests_aborted += 1
             raise
         finally:
             self._live.pop(request.request_id, None)
@@ -289,6 +291,8 @@ class TrtllmEngine:
         except BaseException as e:
             self._live.pop(request.request_id, None)
             _abort_result(live.result)
+            if isinstance(e, asyncio.CancelledError):
+                self._stats.num_requests_aborted += 1
             if isinstance(e, EngineError):
                 raise TransferError(
                     f"TensorRT-LLM's generation-only request failed before its first token "
