@@ -62,6 +62,7 @@ class _Live:
     num_delivered: int = 0  # output tokens already streamed (an import: first_gen_tokens)
     first_token_id: int | None = None  # an import: the prefill's first token
     pending: Any = None  # an import: its first output, read while the KV moved
+    streaming: bool = False  # a stream reads it (and ends it); an import is reserved until then
     iterator: AsyncIterator[Any] | None = None
 
 
@@ -193,8 +194,8 @@ class TrtllmEngine:
 
     def generate(self, request: GenerateRequest) -> AsyncIterator[TokenOutput]:
         self._check_new(request)
-        live = self._submit(request, self._sampling(request.sampling), None, streaming=True)
-        return self._stream(live)
+        sampling = self._sampling(request.sampling)
+        return self._stream(lambda: self._submit(request, sampling, None, streaming=True))
 
     async def prefill(self, request: GenerateRequest) -> PrefillOutput:
         """A context-only request: the first token, and its DisaggregatedParams as the export."""
@@ -322,12 +323,15 @@ class TrtllmEngine:
             raise InvalidRequestError(
                 f"first token {first_token_id} differs from the prefill's {live.first_token_id}"
             )
-        return self._stream(live)
+        return self._stream(lambda: live)
 
     async def abort(self, request_id: str) -> None:
         live = self._live.get(request_id)
         if live is not None:
             _abort_result(live.result)
+            if not live.streaming:  # an import reservation no stream will end
+                del self._live[request_id]
+                self._stats.num_requests_aborted += 1
         export = self._exports.pop(request_id, None)
         if export is not None:
             _abort_result(export.result)
@@ -458,9 +462,12 @@ class TrtllmEngine:
             raise EngineError(f"TensorRT-LLM returned nothing for {live.request.request_id!r}")
         return last
 
-    async def _stream(self, live: _Live) -> AsyncGenerator[TokenOutput, None]:
-        """Stream one request's outputs; leaving early (break, cancellation) aborts it."""
+    async def _stream(self, open_live: Callable[[], _Live]) -> AsyncGenerator[TokenOutput, None]:
+        """Stream one request's outputs, submitted (or found) when the stream is first read;
+        leaving early (break, cancellation) aborts it."""
         done = False
+        live = open_live()
+        live.streaming = True
         outputs = self._iterate(live)
         try:
             while not done:

@@ -195,6 +195,20 @@ async def test_unreadable_or_foreign_engine_state_is_a_transfer_error(
     assert await engine.is_idle_and_whole()
 
 
+async def test_an_import_reservation_aborted_before_streaming_is_gone(
+    engine: TrtllmEngine,
+) -> None:
+    prompt = list(range(40, 48))
+    result = await engine.prefill(request("p", prompt, max_tokens=6))
+    assert result.export is not None
+    await engine.reserve_import(request("d", prompt, max_tokens=6), result.export)
+    assert not await engine.is_idle_and_whole()
+    await engine.abort("d")  # the lease ran out during the transfer: the import is dropped
+    await engine.release_export("p")
+    assert await engine.is_idle_and_whole()
+    assert engine.stats().num_requests_aborted == 1
+
+
 async def test_a_first_token_that_ends_the_request_exports_nothing(engine: TrtllmEngine) -> None:
     result = await engine.prefill(request("p", [5, 6, 7], max_tokens=1))
     assert result.first.finish_reason is FinishReason.LENGTH and result.export is None

@@ -243,9 +243,11 @@ class LLM:
         return _Drain(self._stats, self._stats_wake, timeout or 0)
 
     def shutdown(self) -> None:
+        """Callable from any thread, as the real one is (it joins its executor's workers)."""
         for result in list(self._active.values()):
-            if result._task is not None:
-                result._task.cancel()
+            task = result._task
+            if task is not None and not task.get_loop().is_closed():
+                task.get_loop().call_soon_threadsafe(task.cancel)
         shutil.rmtree(self.endpoint, ignore_errors=True)
 
     # -- the engine ----------------------------------------------------------------------------
