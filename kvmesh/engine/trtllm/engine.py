@@ -241,7 +241,11 @@ class TrtllmEngine:
             _abort_result(live.result)  # nobody will read its KV: let the library free it
             return PrefillOutput(first, None)
         num_tokens = len(request.prompt_token_ids)
-        state = ContextState.of(completion.disaggregated_params, num_tokens)
+        try:
+            state = ContextState.of(completion.disaggregated_params, num_tokens)
+        except TransferError:
+            _abort_result(live.result)
+            raise
         self._exports[request.request_id] = _Export(live.result, self._num_blocks(num_tokens))
         export = KvExport(
             request_id=request.request_id,
