@@ -3,11 +3,12 @@ that finds engines by name, and the settings they share. Torch-free: importing i
 engine; `create_engine` loads the one a config names.
 
     protocol.Engine        the boundary (start/stop, requests, KV export/import, events, info)
-    registry               built-in engines (`torch`, `sim`) and plug-ins (`kvmesh.engines`)
+    registry               built-ins (`torch`, `sim`, `trtllm`) and plug-ins (`kvmesh.engines`)
     core.EngineCore        scheduling, blocks, prefix cache, exports, events (torch-free)
     driver.AsyncEngine     a core on its own thread behind the async API
     torch_engine           the torch engine: model, attention backends, kernels, CUDA graphs
     sim                    the simulated engine: real bookkeeping, a GPU's timing, no tensors
+    trtllm                 TensorRT-LLM's LLM API behind the protocol (needs tensorrt_llm)
 """
 
 from kvmesh.engine.config import EngineConfig

@@ -28,6 +28,7 @@ EngineFactory = Callable[[EngineConfig], Engine]
 BUILTIN_ENGINES: dict[str, str] = {
     "torch": "kvmesh.engine.torch_engine:TorchEngine",
     "sim": "kvmesh.engine.sim:SimEngine",
+    "trtllm": "kvmesh.engine.trtllm:TrtllmEngine",  # needs tensorrt_llm, imported when built
 }
 
 

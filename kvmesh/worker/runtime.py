@@ -21,7 +21,7 @@ from kvmesh import options
 from kvmesh.api.v1 import worker_pb2, worker_pb2_grpc
 from kvmesh.discovery import Discovery
 from kvmesh.engine import Engine, EngineConfig, create_engine
-from kvmesh.errors import StoppedError
+from kvmesh.errors import InvalidRequestError, ModelLoadError, StoppedError
 from kvmesh.rpc import RpcServer, ServerConfig, ServiceBinding
 from kvmesh.rpc.errors import FailedPreconditionError
 from kvmesh.rpc.server import RECEIVE_BYTES
@@ -277,4 +277,9 @@ def main(tier: Tier, tier_binding: Callable[[WorkerRuntime], ServiceBinding]) ->
     args = parser.parse_args()
     options.configure_security(args, Role(tier.value))
     configure_logging(args.log_level, service=f"kvmesh-{tier.value}")
-    asyncio.run(run_worker(config_from_arguments(tier, args), tier_binding))
+    try:
+        asyncio.run(run_worker(config_from_arguments(tier, args), tier_binding))
+    except (InvalidRequestError, ModelLoadError) as e:
+        # A worker that cannot start as configured (no such engine, its library missing, a
+        # bad option or model) says why in one line instead of a traceback.
+        raise SystemExit(f"{parser.prog}: {e}") from None

@@ -21,6 +21,7 @@ MODULES = (
     "kvmesh.worker.runtime",
     "kvmesh.engine",  # the package itself; only kvmesh.engine.torch_engine loads torch
     "kvmesh.engine.registry",
+    "kvmesh.engine.trtllm",  # the adapter; tensorrt_llm (and its torch) load when one is built
     "kvmesh.cli",
     "kvmesh.client",
     "services.prefill.servicer",
