@@ -107,7 +107,7 @@ class TrtllmEngine:
         )
         self._llm = self._build_llm(str(source.weights_dir or config.model))
         self._events = KvEventLog()
-        self._mapper = EventMapper(model_id, config.block_size, self._events)
+        self._mapper = EventMapper(model_id, self._info.kv_dtype, config.block_size, self._events)
         self._live: dict[str, _Live] = {}
         self._exports: dict[str, _Export] = {}
         self._stats = EngineStats()
@@ -184,6 +184,10 @@ class TrtllmEngine:
         return None  # TensorRT-LLM keeps its own; kvmesh's router detokenizes
 
     def kv_region(self) -> None:
+        return None
+
+    def export_region(self) -> None:
+        """None: the engine's cache transceiver moves its KV."""
         return None
 
     @property

@@ -6,7 +6,7 @@ so each stored block is rehashed here from the event's token ids and its parent'
 and a map TensorRT-LLM hash -> kvmesh hash is kept to follow children and removals:
 
     {"type": "stored", "parent_hash": P, "blocks": [{"block_hash": H, "tokens": [...]}, ...]}
-        P None: kvmesh parent = root_hash(model_id); else kvmesh parent = map[P]
+        P None: kvmesh parent = root_hash(model_id, kv_dtype=...); else kvmesh parent = map[P]
         each block: kvmesh hash = hash_block(kvmesh parent, its token ids); map[H] = it
         -> BlockStored(the new kvmesh hashes, kvmesh parent or None for the root)
     {"type": "removed", "block_hashes": [H, ...]}  -> BlockRemoved(map.pop(H) for each known H)
@@ -36,8 +36,8 @@ from kvmesh.kv.hashing import BlockHash, hash_block, hash_blocks, root_hash
 class EventMapper:
     """Turns TensorRT-LLM event dicts into kvmesh events, appended to `log`."""
 
-    def __init__(self, model_id: str, block_size: int, log: KvEventLog) -> None:
-        self._root = root_hash(model_id)
+    def __init__(self, model_id: str, kv_dtype: str, block_size: int, log: KvEventLog) -> None:
+        self._root = root_hash(model_id, kv_dtype=kv_dtype)  # as the router hashes this worker
         self._block_size = block_size
         self._log = log
         self._by_trtllm: dict[int, BlockHash] = {}

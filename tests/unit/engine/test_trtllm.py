@@ -274,7 +274,8 @@ async def test_events_reach_the_log_under_kvmesh_hashes(engine: TrtllmEngine) ->
     prompt = list(range(200, 212))  # three full blocks
     outputs = await collect(engine.generate(request("e", prompt, max_tokens=2)))
     sequence = prompt + tokens(outputs)
-    expected = hash_blocks(sequence, BLOCK, root_hash(MODEL))  # what the router computes
+    # What the router computes, from the worker's model and KV dtype.
+    expected = hash_blocks(sequence, BLOCK, root_hash(MODEL, kv_dtype=engine.info.kv_dtype))
 
     def stored() -> list[BlockHash]:
         batch = engine.kv_events.read_after(0)
@@ -332,8 +333,8 @@ def _stored(
 
 def test_the_mapper_rehashes_chains_and_follows_removals() -> None:
     log = KvEventLog()
-    mapper = EventMapper("m", 2, log)
-    root = root_hash("m")
+    mapper = EventMapper("m", "bfloat16", 2, log)
+    root = root_hash("m", kv_dtype="bfloat16")
     mapper.apply(_stored(None, (901, [1, 2]), (902, [3, 4])))
     mapper.apply(_stored(902, (903, [5, 6])))
     expected = hash_blocks([1, 2, 3, 4, 5, 6], 2, root)
@@ -349,12 +350,13 @@ def test_the_mapper_rehashes_chains_and_follows_removals() -> None:
 
 def test_the_mapper_skips_what_kvmesh_hashes_cannot_describe() -> None:
     log = KvEventLog()
-    mapper = EventMapper("m", 2, log)
+    mapper = EventMapper("m", "bfloat16", 2, log)
     mapper.apply(_stored(12345, (1, [1, 2])))  # a parent whose event never came
     mapper.apply(_stored(None, (2, [1, 2]), (3, [3])))  # a partial block ends the chain
     mapper.apply(_stored(None, (4, [7, 8]), extra=9))  # multimodal / LoRA content
     assert mapper.num_skipped_blocks == 3
     (event,) = log.read_after(0).events
-    assert event == BlockStored(1, (hash_blocks([1, 2], 2, root_hash("m"))[0],), None)
+    root = root_hash("m", kv_dtype="bfloat16")
+    assert event == BlockStored(1, (hash_blocks([1, 2], 2, root)[0],), None)
     assert mapper.num_cached_prefix_tokens([1, 2, 3, 4], "") == 2
     assert mapper.num_cached_prefix_tokens([1, 2, 3, 4], "tenant") == 0
