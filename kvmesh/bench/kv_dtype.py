@@ -55,6 +55,7 @@ class KvDtypeReport:
     model: str
     device: str
     reference_kv_dtype: str
+    transfer_dtype: str
     num_prompts: int
     max_tokens: int
     transfer: PathReport
@@ -123,7 +124,7 @@ def _import_into(
     assert core.exports is not None
     source: KvLayout = core.exports.cache.layout
     raw = core.exports.cache.tensor[torch.as_tensor(exported, device=core.model.device)]
-    values = read_raw_blocks(raw.view(len(exported), -1), source)
+    values = read_raw_blocks(raw.view(torch.uint8).view(len(exported), -1), source)
     write_converted(core.kv_cache, list(blocks), 0, tokens_of(values, 0, num_tokens))
 
 
@@ -154,7 +155,13 @@ def _greedy_over_import(core: TorchCore, prompt: list[int], max_tokens: int) -> 
 
 
 def measure(
-    *, model: str, device: str, num_prompts: int, max_tokens: int, with_cache: bool
+    *,
+    model: str,
+    device: str,
+    num_prompts: int,
+    max_tokens: int,
+    with_cache: bool,
+    transfer_dtype: str = "fp8_e4m3",
 ) -> KvDtypeReport:
     base = EngineConfig(
         model=model,
@@ -164,7 +171,7 @@ def measure(
         kv_cache_bytes=256 << 20,
         cuda_graphs=False,
     )
-    core = TorchCore(replace(base, transfer_dtype="fp8_e4m3"), show_progress=False)
+    core = TorchCore(replace(base, transfer_dtype=transfer_dtype), show_progress=False)
     assert core.exports is not None
     cached = (
         TorchCore(replace(base, kv_dtype="fp8_e4m3"), show_progress=False) if with_cache else None
@@ -205,13 +212,14 @@ def measure(
         model=model,
         device=str(core.model.device),
         reference_kv_dtype=core.info.kv_dtype,
+        transfer_dtype=transfer_dtype,
         num_prompts=num_prompts,
         max_tokens=max_tokens,
         transfer=path("transfer", greedy_equal / max(greedy_total, 1)),
         cache=path("cache", None) if cached is not None else None,
         transfer_bytes_per_block={
             core.info.kv_dtype: layout.bytes_per_block,
-            "fp8_e4m3": core.exports.cache.layout.bytes_per_block,
+            transfer_dtype: core.exports.cache.layout.bytes_per_block,
         },
     )
 
@@ -228,6 +236,13 @@ def measure(
     show_default=True,
     help="also measure an FP8 KV cache (--kv-dtype fp8_e4m3)",
 )
+@click.option(
+    "--transfer-dtype",
+    type=click.Choice(["fp8_e4m3", "bfloat16", "float16"]),
+    default="fp8_e4m3",
+    show_default=True,
+    help="the dtype of the transfer path (bfloat16: what rounding to 16 bits alone does)",
+)
 @click.option("--json-out", type=click.Path(path_type=Path), default=None)
 def main(
     model: str,
@@ -235,6 +250,7 @@ def main(
     num_prompts: int,
     max_tokens: int,
     with_cache: bool,
+    transfer_dtype: str,
     json_out: Path | None,
 ) -> None:
     """FP8 KV against the model's KV dtype: next-token KL and greedy agreement."""
@@ -244,6 +260,7 @@ def main(
         num_prompts=num_prompts,
         max_tokens=max_tokens,
         with_cache=with_cache,
+        transfer_dtype=transfer_dtype,
     )
     text = json.dumps(report.as_dict(), indent=2)
     click.echo(text)
