@@ -131,6 +131,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 cache_salt=tenant_salt(request.tenant, request.cache_salt),
                 model=self._model_id,
             )
+            if context is not None:
+                context.add_done_callback(lambda _: stream.cancel_calls())
             async for response in self._generate(stream, resumed):
                 yield response
 
@@ -301,6 +303,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 request.kv_handle.CopyFrom(handle)
             worker.begin()
             call = worker.decode.Decode(request)
+            stream.calls.add(call)
             started, tokens = asyncio.get_running_loop().time(), 0
             try:
                 first = True
@@ -364,6 +367,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 )
             finally:
                 call.cancel()
+                stream.calls.discard(call)
                 worker.end()
                 if retrying:
                     self._retries.release()

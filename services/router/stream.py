@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from kvmesh.api.v1 import common_pb2, generation_pb2
 from kvmesh.sampling import SamplingParams
@@ -52,6 +53,8 @@ class RequestStream:
         self.cached_prompt_tokens = 0
         self.migrations = 0
         self.engine_failures = 0  # workers whose engine failed it (INTERNAL)
+        # Worker calls in flight, cancelled when the client's RPC ends (see `cancel_calls`).
+        self.calls: set[Any] = set()
         self._tokenizer = tokenizer
         self._detokenizer = (
             IncrementalDetokenizer(tokenizer, stop=sampling.stop) if tokenizer else None
@@ -62,6 +65,13 @@ class RequestStream:
         self._last_token_at: float | None = None
         self._resumed = False
         self.prefill_s = 0.0
+
+    def cancel_calls(self) -> None:
+        """The client's RPC ended (cancelled, or its deadline passed): cancel the worker calls
+        still open. A handler suspended at a `yield` never sees the cancellation itself, and
+        its generators close only when collected; this does not wait for that."""
+        for call in list(self.calls):
+            call.cancel()
 
     def resume(self, token_ids: Sequence[int]) -> generation_pb2.GenerateResponse | None:
         """Start after tokens another router already streamed to the client.

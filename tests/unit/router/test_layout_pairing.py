@@ -237,3 +237,68 @@ async def test_a_refused_handle_is_released_and_decode_runs_there_without_it() -
         await task
     assert released == ["r"]
     assert stream.migrations == 0 and not pool.outliers.is_ejected(d.worker_id)
+
+
+# -- the client's RPC ends while the handler waits at a yield -------------------------------------
+
+
+class _EndlessCall:
+    """A Decode call that streams a token a message until it is cancelled."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def __aiter__(self) -> _EndlessCall:
+        return self
+
+    async def __anext__(self) -> worker_pb2.DecodeResponse:
+        if self.cancelled:
+            raise StopAsyncIteration
+        return worker_pb2.DecodeResponse(token_ids=[9])
+
+    def cancel(self) -> bool:
+        self.cancelled = True
+        return True
+
+
+async def test_ending_the_rpc_cancels_the_decode_call_of_a_handler_paused_at_a_yield() -> None:
+    """gRPC cancels a streaming handler's task, but a generator paused at `yield` never sees
+    it: the call must be cancelled from the RPC's done callback (`RequestStream.cancel_calls`)."""
+    pool = new_pool()
+    channel: Any = _ClosableChannel()
+    d = _DecodeWorker("d", "decode", "127.0.0.1:9", channel)
+    call = _EndlessCall()
+    stub: Any = _DecodeStub()
+    stub.Decode = lambda request: call
+    d.stub = stub
+    join(pool, d)
+    servicer = GenerationServicer(RouterConfig(), pool, None, MODEL, planner(pool))
+    unused: Any = None
+    stream = RequestStream(
+        "c", PROMPT, SamplingParams(max_tokens=100), unused, return_token_ids=True
+    )
+    responses = servicer._decode(stream, None, planner(pool).plan(PROMPT))
+    await anext(responses)  # the handler now waits at its yield, the call open
+    assert stream.calls == {call} and not call.cancelled
+    stream.cancel_calls()  # what Generate's done callback does
+    assert call.cancelled
+    await responses.aclose()
+    assert stream.calls == set()
+
+
+def test_each_tier_is_scored_by_hashes_as_its_workers_compute_them() -> None:
+    """A B64 bf16 prefill worker and a B16 fp8 decode worker pair (decode converts); each is
+    scored against its own hashes: block size and KV dtype folded in."""
+    pool = new_pool()
+    for w in ("p64", "d16"):
+        pool.index.reset(w, [], last_event_id=0)
+    join(pool, worker("p64", "prefill", kv_dtype="bfloat16"), block_size=64, dtype="bf16")
+    join(pool, worker("d16", "decode", kv_dtype="fp8_e4m3"), dtype="e4m3")
+    prefill_hashes = hash_blocks(PROMPT, 64, root_hash(MODEL, kv_dtype="bfloat16"))
+    pool.index.stored("p64", 1, prefill_hashes)
+    plan = planner(pool).plan(PROMPT)
+    assert plan.hashes == hash_blocks(PROMPT, 16, root_hash(MODEL, kv_dtype="fp8_e4m3"))
+    assert plan.prefill_hashes is not None
+    assert plan.prefill_hashes.hashes == prefill_hashes
+    assert plan.prefill is not None and plan.prefill.chosen is not None
+    assert plan.prefill.chosen.cached_blocks == len(prefill_hashes)  # its cache counted
