@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from kvmesh.engine.config import ATTENTION_BACKENDS, DTYPES, EngineConfig
+from kvmesh.engine.config import ATTENTION_BACKENDS, DTYPES, SPECULATION_METHODS, EngineConfig
 from kvmesh.errors import KvmeshError
 from kvmesh.security.roles import Role
 from kvmesh.telemetry import configure_logging
@@ -80,6 +80,20 @@ def engine_options(fn: F) -> F:
             default=d.async_scheduling,
             help="schedule each step while the previous one runs (default: on a GPU)",
         ),
+        click.option(
+            "--speculate",
+            default=d.speculate,
+            type=click.Choice(SPECULATION_METHODS),
+            help="speculative decoding (default: off); ngram: drafts by prompt lookup",
+        ),
+        click.option(
+            "--num-speculative-tokens",
+            default=d.num_speculative_tokens,
+            show_default=True,
+            help="draft tokens per decoding sequence and step, at most",
+        ),
+        click.option("--ngram-max", default=d.ngram_max, show_default=True),
+        click.option("--ngram-min", default=d.ngram_min, show_default=True),
     ]
 
     @functools.wraps(fn)
@@ -96,6 +110,10 @@ def engine_options(fn: F) -> F:
             attention_backend=kwargs.pop("attention_backend"),
             cuda_graphs=kwargs.pop("cuda_graphs"),
             async_scheduling=kwargs.pop("async_scheduling"),
+            speculate=kwargs.pop("speculate"),
+            num_speculative_tokens=kwargs.pop("num_speculative_tokens"),
+            ngram_max=kwargs.pop("ngram_max"),
+            ngram_min=kwargs.pop("ngram_min"),
         )
         try:
             return fn(config=config, **kwargs)
