@@ -14,6 +14,12 @@ the others.
 
 With async scheduling, a sequence whose pending token (sampled, not yet read) is known to be its
 last is neither scheduled nor preempted: it ends, and frees its blocks, once that token is read.
+
+With speculative decoding (a `drafter`), a decoding sequence's chunk is its last token plus up to
+k draft tokens, all verified in one forward pass. Drafts take only what is spare: budget left
+after one token for each decoding sequence still to schedule, room below max_tokens and the
+context limit (a verify step emits at most k + 1 tokens), and free blocks (drafts never preempt).
+After the step the core rolls back what was rejected (`release_blocks_past_computed`).
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from kvmesh.engine.sequence import SeqState, Sequence
+from kvmesh.engine.drafts import Drafter
+from kvmesh.engine.sequence import SeqKind, SeqState, Sequence
 from kvmesh.kv.block_pool import BlockPool
 from kvmesh.kv.hashing import BlockHash
 
@@ -29,7 +36,10 @@ from kvmesh.kv.hashing import BlockHash
 @dataclass(slots=True)
 class ScheduledChunk:
     seq: Sequence
-    num_tokens: int
+    num_tokens: int  # drafts included
+    # Tokens guessed to follow the sequence's last token (speculative decoding): the chunk is
+    # that token then these, and the step samples at each of its positions to verify them.
+    draft_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(slots=True)
@@ -51,11 +61,15 @@ class Scheduler:
         block_size: int,
         max_num_seqs: int,
         max_num_batched_tokens: int,
+        drafter: Drafter | None = None,
+        max_model_len: int | None = None,
     ) -> None:
         self.pool = pool
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.drafter = drafter
+        self.max_model_len = max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self._hit_tokens = 0
@@ -85,8 +99,17 @@ class Scheduler:
         self.pool.release(seq.block_ids)
         seq.block_ids = []
 
+    def release_blocks_past_computed(self, seq: Sequence) -> None:
+        """After a verify step: free the blocks that held only rejected drafts (never cached:
+        a block is cached once full of computed, accepted tokens)."""
+        keep = self._blocks_for(seq.num_computed_tokens)
+        if len(seq.block_ids) > keep:
+            self.pool.release(seq.block_ids[keep:])
+            del seq.block_ids[keep:]
+
     def schedule(self) -> SchedulerOutput:
         scheduled: dict[Sequence, int] = {}
+        drafts: dict[Sequence, list[int]] = {}
         preempted: list[Sequence] = []
         self._hit_tokens = 0
 
@@ -94,14 +117,21 @@ class Scheduler:
             return self.max_num_batched_tokens - sum(scheduled.values())
 
         # Decoding sequences first, then prompts in progress; each group in admission order.
-        for seq in sorted(self.running, key=lambda s: s.is_prefilling):
+        ordered = sorted(self.running, key=lambda s: s.is_prefilling)
+        decoding = [not s.is_prefilling for s in ordered]
+        decoders_left = sum(decoding)  # after this one: each keeps a token of budget from drafts
+        for seq, is_decoding in zip(ordered, decoding, strict=True):
+            decoders_left -= is_decoding
             if seq.state is not SeqState.RUNNING or seq.ends_at_pending:
                 continue  # preempted earlier in this loop, or ends with its pending token
             num_tokens = min(seq.num_uncomputed_tokens, budget())
             if num_tokens == 0:
                 break
-            if self._grow(seq, num_tokens, scheduled, preempted):
-                scheduled[seq] = num_tokens
+            guess = self._draft(seq, budget() - 1 - decoders_left) if num_tokens == 1 else []
+            if self._grow(seq, num_tokens + len(guess), scheduled, preempted, drafts):
+                scheduled[seq] = num_tokens + len(guess)
+                if guess:
+                    drafts[seq] = guess
 
         # Admitting after a preemption would only thrash: wait for blocks to come back.
         # A prompt whose next uncached block another prompt is computing right now waits a step
@@ -124,8 +154,34 @@ class Scheduler:
         self.waiting.extendleft(reversed(deferred))
         self.num_deferred += len(deferred)
 
-        chunks = [ScheduledChunk(seq, n) for seq, n in scheduled.items()]
+        chunks = [
+            ScheduledChunk(seq, n, tuple(drafts.get(seq, ()))) for seq, n in scheduled.items()
+        ]
         return SchedulerOutput(chunks, preempted, self._hit_tokens)
+
+    def _draft(self, seq: Sequence, spare_tokens: int) -> list[int]:
+        """Draft tokens for a decoding sequence: as many as the drafter guesses, within the
+        spare budget, max_tokens and the context limit (a verify step emits up to one more than
+        its drafts), and the free blocks."""
+        if (
+            self.drafter is None
+            or seq.num_uncomputed_tokens != 1
+            or seq.num_pending
+            or seq.kind is SeqKind.PREFILL_ONLY
+        ):
+            return []
+        room = min(spare_tokens, seq.sampling.max_tokens - seq.num_output_tokens - 1)
+        if self.max_model_len is not None:
+            room = min(room, self.max_model_len - seq.num_tokens - 1)
+        if room < 1:
+            return []
+        guess = self.drafter.propose(seq, room)[:room]
+        while guess and self._blocks_needed(seq, 1 + len(guess)) > self.pool.num_free_blocks:
+            guess.pop()  # drafts are a bet: they never preempt anyone
+        return guess
+
+    def _blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
+        return self._blocks_for(seq.num_computed_tokens + num_tokens) - len(seq.block_ids)
 
     def _blocks_in_flight(self) -> set[BlockHash]:
         """Hashes of the full prompt blocks running sequences have yet to compute."""
@@ -155,17 +211,19 @@ class Scheduler:
         num_tokens: int,
         scheduled: dict[Sequence, int],
         preempted: list[Sequence],
+        drafts: dict[Sequence, list[int]],
     ) -> bool:
         """Give `seq` blocks for `num_tokens` more, preempting the newest sequences if needed.
 
         False when `seq` itself had to be preempted.
         """
-        needed = self._blocks_for(seq.num_computed_tokens + num_tokens) - len(seq.block_ids)
+        needed = self._blocks_needed(seq, num_tokens)
         while needed > self.pool.num_free_blocks:
             # Not one that ends with its pending token: it frees its blocks once that is read.
             victim = next(s for s in reversed(self.running) if s is seq or not s.ends_at_pending)
             self._preempt(victim)
             scheduled.pop(victim, None)
+            drafts.pop(victim, None)
             preempted.append(victim)
             if victim is seq:
                 return False
