@@ -274,6 +274,75 @@ def bench_engine(
     _emit(result.as_dict(), json_out)
 
 
+@main.command("bench-speculation")
+@engine_options
+@click.option("--batches", default="1,16", show_default=True, help="batch sizes to run")
+@click.option(
+    "--single-stream-prompts",
+    default=4,
+    show_default=True,
+    help="batch 1: prompts run one after another",
+)
+@click.option("--max-tokens", default=128, show_default=True, help="tokens per request at most")
+@click.option(
+    "--prompts",
+    "prompt_kind",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "text", "workload"]),
+    help="text: a Python file to edit (needs a chat template); workload: the code-edit "
+    "workload's token ids; auto: text where the model has a chat template",
+)
+@click.option("--functions", default=6, show_default=True, help="text: functions in each file")
+@click.option("--prompt-len", default=1024, show_default=True, help="workload: prompt tokens")
+@click.option("--rounds", default=1, show_default=True, help="runs per mode (medians)")
+@click.option("--seed", default=0, show_default=True, help="prompts' seed")
+@click.option("--json-out", type=click.Path(path_type=Path), default=None)
+def bench_speculation(
+    config: EngineConfig,
+    batches: str,
+    single_stream_prompts: int,
+    max_tokens: int,
+    prompt_kind: str,
+    functions: int,
+    prompt_len: int,
+    rounds: int,
+    seed: int,
+    json_out: Path | None,
+) -> None:
+    """N-gram speculative decoding against plain decoding (and an oracle's drafts, the upper
+    bound) at batch 1 and 16, one engine, one run: acceptance, tokens per step, tokens/s."""
+    from kvmesh.bench import speculation as bench
+    from kvmesh.engine.torch_engine import TorchCore
+
+    sizes = [int(b) for b in batches.split(",")]
+    config.speculate = "ngram"
+    config.async_scheduling = None  # the baseline_async mode turns it on where it pays
+    config.enable_prefix_cache = False  # every mode computes its prompts
+    config.max_num_seqs = max(config.max_num_seqs, *sizes)
+    core = TorchCore(config)
+    core.warm_up()
+    tokenizer = core.tokenizer
+    if prompt_kind == "auto":
+        has_template = tokenizer is not None and tokenizer.has_chat_template
+        prompt_kind = "text" if has_template else "workload"
+    count = max(max(sizes), single_stream_prompts)
+    if prompt_kind == "text":
+        prompts = bench.text_prompts(core, count, functions, seed)
+    else:
+        prompts = bench.workload_prompts(core, count, prompt_len, seed)
+    report = bench.speculation_report(
+        core,
+        prompts,
+        prompt_kind=prompt_kind,
+        batches=sizes,
+        single_stream_prompts=single_stream_prompts,
+        max_tokens=max_tokens,
+        rounds=rounds,
+    )
+    _emit(report, json_out)
+
+
 @main.command()
 @click.option("--model", default="smollm2", show_default=True)
 @click.option("--prefill", "num_prefill", default=1, show_default=True, help="prefill workers")

@@ -176,6 +176,22 @@ class EngineCore:
     def async_scheduling(self) -> bool:
         return self._launcher is not None
 
+    def set_drafter(self, drafter: Drafter | None, *, async_scheduling: bool = False) -> None:
+        """Benchmarks: change how the next runs decode (no drafts, n-gram drafts, an oracle's),
+        on an idle core. Async scheduling only without drafts, where the executor can launch."""
+        if self.has_work:
+            raise InvalidRequestError("change speculation only while the engine is idle")
+        if drafter is not None and async_scheduling:
+            raise InvalidRequestError("speculative decoding runs with synchronous scheduling")
+        if drafter is not None and not getattr(self.executor, "verifies_drafts", False):
+            raise InvalidRequestError(f"the {self.info.engine} engine cannot verify draft tokens")
+        if async_scheduling and not hasattr(self.executor, "launch"):
+            raise InvalidRequestError(
+                f"the {self.info.engine} engine cannot schedule asynchronously"
+            )
+        self.scheduler.drafter = drafter
+        self._launcher = cast("AsyncModelExecutor", self.executor) if async_scheduling else None
+
     # -- requests ------------------------------------------------------------------------------
 
     def validate(self, request: GenerateRequest) -> None:
