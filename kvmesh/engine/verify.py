@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kvmesh.engine.sampling import SamplerRow, draw, processed_probs
+from kvmesh.engine.sampling import SamplerRow, processed_probs
+from kvmesh.engine.uploads import upload
 
 
 @dataclass(slots=True)
@@ -53,20 +54,31 @@ def verify(logits: torch.Tensor, rows: list[VerifyRow]) -> list[list[int]]:
 
 
 def _verify_sampled(logits: torch.Tensor, r: VerifyRow) -> list[int]:
+    """The rejection rule for one sampling sequence, with one read of the device for its
+    acceptances (k uniforms drawn at once: independent draws, whichever are used)."""
     generator = r.sampler.generator
-    emitted: list[int] = []
-    for j, draft in enumerate(r.drafts):
-        probs = processed_probs(logits[r.first + j], r.sampler.params)
-        u = torch.rand((), generator=generator, device=logits.device)
-        if u < probs[draft]:
-            emitted.append(draft)
-            continue
-        residual = probs.clone()
-        residual[draft] = 0.0
-        if not residual.sum() > 0:  # p(draft) rounds to 1: nothing else to draw
-            emitted.append(draft)
-            continue
-        emitted.append(int(torch.multinomial(residual, 1, generator=generator)[0]))
+    k = len(r.drafts)
+    rows = logits[r.first : r.first + k + 1]
+    probs = torch.stack([processed_probs(row, r.sampler.params) for row in rows])
+    if k:
+        drafts = upload(list(r.drafts), torch.long, logits.device)
+        u = torch.rand(k, generator=generator, device=logits.device)
+        accepted_mask: list[bool] = (
+            u < probs[torch.arange(k, device=logits.device), drafts]
+        ).tolist()
+        accepted = accepted_mask.index(False) if False in accepted_mask else k
+    else:
+        accepted = 0
+    emitted = list(r.drafts[:accepted])
+    if accepted == k:  # every draft accepted (or none proposed): the bonus token, drawn from p
+        emitted.append(int(torch.multinomial(probs[k], 1, generator=generator)[0]))
         return emitted
-    emitted.append(int(draw(logits[r.first + len(r.drafts)], r.sampler)))
+    draft = r.drafts[accepted]
+    residual = probs[accepted].clone()
+    residual[draft] = 0.0
+    # p(draft) that rounds to 1 with nothing else left: the draft is all there is to draw.
+    only_draft = torch.zeros_like(residual)
+    only_draft[draft] = 1.0
+    residual = torch.where(residual.sum() > 0, residual, only_draft)
+    emitted.append(int(torch.multinomial(residual, 1, generator=generator)[0]))
     return emitted
