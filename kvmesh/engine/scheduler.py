@@ -16,10 +16,11 @@ With async scheduling, a sequence whose pending token (sampled, not yet read) is
 last is neither scheduled nor preempted: it ends, and frees its blocks, once that token is read.
 
 With speculative decoding (a `drafter`), a decoding sequence's chunk is its last token plus up to
-k draft tokens, all verified in one forward pass. Drafts take only what is spare: budget left
-after one token for each decoding sequence still to schedule, room below max_tokens and the
-context limit (a verify step emits at most k + 1 tokens), and free blocks (drafts never preempt).
-After the step the core rolls back what was rejected (`release_blocks_past_computed`).
+k draft tokens, all verified in one forward pass. Drafts are added once everything else is
+scheduled and take only what is spare, so they never change what else runs: the budget left,
+room below max_tokens and the context limit (a verify step emits up to k + 1 tokens), and free
+blocks; none in a step that had to preempt. After the step the core rolls back what was
+rejected (`release_blocks_past_computed`).
 """
 
 from __future__ import annotations
@@ -117,21 +118,14 @@ class Scheduler:
             return self.max_num_batched_tokens - sum(scheduled.values())
 
         # Decoding sequences first, then prompts in progress; each group in admission order.
-        ordered = sorted(self.running, key=lambda s: s.is_prefilling)
-        decoding = [not s.is_prefilling for s in ordered]
-        decoders_left = sum(decoding)  # after this one: each keeps a token of budget from drafts
-        for seq, is_decoding in zip(ordered, decoding, strict=True):
-            decoders_left -= is_decoding
+        for seq in sorted(self.running, key=lambda s: s.is_prefilling):
             if seq.state is not SeqState.RUNNING or seq.ends_at_pending:
                 continue  # preempted earlier in this loop, or ends with its pending token
             num_tokens = min(seq.num_uncomputed_tokens, budget())
             if num_tokens == 0:
                 break
-            guess = self._draft(seq, budget() - 1 - decoders_left) if num_tokens == 1 else []
-            if self._grow(seq, num_tokens + len(guess), scheduled, preempted, drafts):
-                scheduled[seq] = num_tokens + len(guess)
-                if guess:
-                    drafts[seq] = guess
+            if self._grow(seq, num_tokens, scheduled, preempted):
+                scheduled[seq] = num_tokens
 
         # Admitting after a preemption would only thrash: wait for blocks to come back.
         # A prompt whose next uncached block another prompt is computing right now waits a step
@@ -153,6 +147,14 @@ class Scheduler:
             in_flight.update(self._uncomputed_blocks(seq))
         self.waiting.extendleft(reversed(deferred))
         self.num_deferred += len(deferred)
+
+        if self.drafter is not None and not preempted:
+            for seq, num_tokens in list(scheduled.items()):  # decoding ones first, oldest first
+                guess = self._draft(seq, budget()) if num_tokens == 1 else []
+                if guess:
+                    seq.block_ids += self.pool.allocate(self._blocks_needed(seq, 1 + len(guess)))
+                    scheduled[seq] += len(guess)
+                    drafts[seq] = guess
 
         chunks = [
             ScheduledChunk(seq, n, tuple(drafts.get(seq, ()))) for seq, n in scheduled.items()
@@ -177,7 +179,7 @@ class Scheduler:
             return []
         guess = self.drafter.propose(seq, room)[:room]
         while guess and self._blocks_needed(seq, 1 + len(guess)) > self.pool.num_free_blocks:
-            guess.pop()  # drafts are a bet: they never preempt anyone
+            guess.pop()  # drafts are a bet: they never take a block anyone else needs
         return guess
 
     def _blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
@@ -211,7 +213,6 @@ class Scheduler:
         num_tokens: int,
         scheduled: dict[Sequence, int],
         preempted: list[Sequence],
-        drafts: dict[Sequence, list[int]],
     ) -> bool:
         """Give `seq` blocks for `num_tokens` more, preempting the newest sequences if needed.
 
@@ -223,7 +224,6 @@ class Scheduler:
             victim = next(s for s in reversed(self.running) if s is seq or not s.ends_at_pending)
             self._preempt(victim)
             scheduled.pop(victim, None)
-            drafts.pop(victim, None)
             preempted.append(victim)
             if victim is seq:
                 return False
