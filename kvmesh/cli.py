@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from kvmesh.engine.config import ATTENTION_BACKENDS, DTYPES, EngineConfig
+from kvmesh.engine.config import ATTENTION_BACKENDS, DTYPES, SPECULATION_METHODS, EngineConfig
 from kvmesh.errors import KvmeshError
 from kvmesh.security.roles import Role
 from kvmesh.telemetry import configure_logging
@@ -80,6 +80,20 @@ def engine_options(fn: F) -> F:
             default=d.async_scheduling,
             help="schedule each step while the previous one runs (default: on a GPU)",
         ),
+        click.option(
+            "--speculate",
+            default=d.speculate,
+            type=click.Choice(SPECULATION_METHODS),
+            help="speculative decoding (default: off); ngram: drafts by prompt lookup",
+        ),
+        click.option(
+            "--num-speculative-tokens",
+            default=d.num_speculative_tokens,
+            show_default=True,
+            help="draft tokens per decoding sequence and step, at most",
+        ),
+        click.option("--ngram-max", default=d.ngram_max, show_default=True),
+        click.option("--ngram-min", default=d.ngram_min, show_default=True),
     ]
 
     @functools.wraps(fn)
@@ -96,6 +110,10 @@ def engine_options(fn: F) -> F:
             attention_backend=kwargs.pop("attention_backend"),
             cuda_graphs=kwargs.pop("cuda_graphs"),
             async_scheduling=kwargs.pop("async_scheduling"),
+            speculate=kwargs.pop("speculate"),
+            num_speculative_tokens=kwargs.pop("num_speculative_tokens"),
+            ngram_max=kwargs.pop("ngram_max"),
+            ngram_min=kwargs.pop("ngram_min"),
         )
         try:
             return fn(config=config, **kwargs)
@@ -254,6 +272,75 @@ def bench_engine(
     prompts = chat_prompt_ids(engine.core, concurrency)
     result = bench.compare_with_transformers(engine, prompts, max_tokens, rounds=rounds)
     _emit(result.as_dict(), json_out)
+
+
+@main.command("bench-speculation")
+@engine_options
+@click.option("--batches", default="1,16", show_default=True, help="batch sizes to run")
+@click.option(
+    "--single-stream-prompts",
+    default=4,
+    show_default=True,
+    help="batch 1: prompts run one after another",
+)
+@click.option("--max-tokens", default=128, show_default=True, help="tokens per request at most")
+@click.option(
+    "--prompts",
+    "prompt_kind",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "text", "workload"]),
+    help="text: a Python file to edit (needs a chat template); workload: the code-edit "
+    "workload's token ids; auto: text where the model has a chat template",
+)
+@click.option("--functions", default=6, show_default=True, help="text: functions in each file")
+@click.option("--prompt-len", default=1024, show_default=True, help="workload: prompt tokens")
+@click.option("--rounds", default=1, show_default=True, help="runs per mode (medians)")
+@click.option("--seed", default=0, show_default=True, help="prompts' seed")
+@click.option("--json-out", type=click.Path(path_type=Path), default=None)
+def bench_speculation(
+    config: EngineConfig,
+    batches: str,
+    single_stream_prompts: int,
+    max_tokens: int,
+    prompt_kind: str,
+    functions: int,
+    prompt_len: int,
+    rounds: int,
+    seed: int,
+    json_out: Path | None,
+) -> None:
+    """N-gram speculative decoding against plain decoding (and an oracle's drafts, the upper
+    bound) at batch 1 and 16, one engine, one run: acceptance, tokens per step, tokens/s."""
+    from kvmesh.bench import speculation as bench
+    from kvmesh.engine.torch_engine import TorchCore
+
+    sizes = [int(b) for b in batches.split(",")]
+    config.speculate = "ngram"
+    config.async_scheduling = None  # the baseline_async mode turns it on where it pays
+    config.enable_prefix_cache = False  # every mode computes its prompts
+    config.max_num_seqs = max(config.max_num_seqs, *sizes)
+    core = TorchCore(config)
+    core.warm_up()
+    tokenizer = core.tokenizer
+    if prompt_kind == "auto":
+        has_template = tokenizer is not None and tokenizer.has_chat_template
+        prompt_kind = "text" if has_template else "workload"
+    count = max(max(sizes), single_stream_prompts)
+    if prompt_kind == "text":
+        prompts = bench.text_prompts(core, count, functions, seed)
+    else:
+        prompts = bench.workload_prompts(core, count, prompt_len, seed)
+    report = bench.speculation_report(
+        core,
+        prompts,
+        prompt_kind=prompt_kind,
+        batches=sizes,
+        single_stream_prompts=single_stream_prompts,
+        max_tokens=max_tokens,
+        rounds=rounds,
+    )
+    _emit(report, json_out)
 
 
 @main.command()

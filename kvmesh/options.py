@@ -113,7 +113,13 @@ def add_logging_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
-    from kvmesh.engine.config import ATTENTION_BACKENDS, DTYPES, KV_DTYPES, EngineConfig
+    from kvmesh.engine.config import (
+        ATTENTION_BACKENDS,
+        DTYPES,
+        KV_DTYPES,
+        SPECULATION_METHODS,
+        EngineConfig,
+    )
 
     engine: dict[str, Any] = {f.name: f.default for f in fields(EngineConfig)}
     group = parser.add_argument_group("engine")
@@ -174,6 +180,30 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
         "--torch-threads", type=int, default=engine["num_threads"], help="0: PyTorch's default"
     )
     group.add_argument(
+        "--speculate",
+        default=engine["speculate"],
+        choices=SPECULATION_METHODS,
+        help="speculative decoding (default: off); ngram: drafts by prompt lookup",
+    )
+    group.add_argument(
+        "--num-speculative-tokens",
+        type=int,
+        default=engine["num_speculative_tokens"],
+        help="draft tokens per decoding sequence and step, at most",
+    )
+    group.add_argument(
+        "--ngram-max",
+        type=int,
+        default=engine["ngram_max"],
+        help="longest suffix looked up for an n-gram draft",
+    )
+    group.add_argument(
+        "--ngram-min",
+        type=int,
+        default=engine["ngram_min"],
+        help="shortest suffix looked up for an n-gram draft",
+    )
+    group.add_argument(
         "--engine-arg",
         action="append",
         default=[],
@@ -208,5 +238,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         cuda_graphs=args.cuda_graphs,
         async_scheduling=args.async_scheduling,
         num_threads=args.torch_threads,
+        speculate=args.speculate,
+        num_speculative_tokens=args.num_speculative_tokens,
+        ngram_max=args.ngram_max,
+        ngram_min=args.ngram_min,
         options=options,
     )

@@ -115,6 +115,22 @@ class EngineStats:
     num_requests_finished: int = 0
     num_requests_aborted: int = 0
     num_requests_failed: int = 0  # failed a step on their own (the rest of the batch went on)
+    # Speculative decoding: a verification is one sequence's drafts checked in one step.
+    num_spec_verifications: int = 0
+    num_spec_draft_tokens: int = 0  # drafts proposed and verified
+    num_spec_accepted_tokens: int = 0  # drafts the model accepted
+
+    @property
+    def spec_acceptance_rate(self) -> float:
+        """Accepted drafts over proposed ones (0 with none)."""
+        return self.num_spec_accepted_tokens / max(self.num_spec_draft_tokens, 1)
+
+    @property
+    def spec_tokens_per_verification(self) -> float:
+        """Tokens a verification emits: its accepted drafts plus the model's own (0 with none)."""
+        if not self.num_spec_verifications:
+            return 0.0
+        return 1 + self.num_spec_accepted_tokens / self.num_spec_verifications
 
 
 @dataclass(frozen=True, slots=True)

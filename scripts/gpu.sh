@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks of the engine, in stages, for a lent GPU machine (see docs/engines.md):
 #   scripts/gpu.sh STAGE...   with STAGE in: kernels profile engine sync baseline accuracy gputests
-#                                           mesh secure fp8
+#                                           mesh secure fp8 speculation
 # Results go to $OUT (default ./gpu-out). Wheels the machine lacks are installed from .whl/ if
 # present; a real SmolLM2 GGUF at $KVMESH_GGUF is used for accuracy checks, else dummy weights.
 set -uo pipefail
@@ -64,6 +64,11 @@ for stage in "$@"; do
         --device cuda --prompts 20 --max-tokens 32 --json-out "$OUT/kv-dtype.json" | tail -25
       KVMESH_REPORT_DIR=$OUT run python3 -m pytest -q -x tests/unit/kv tests/unit/engine \
         -k "fp8 or quant or convert or kv_dtype" -p no:cacheprovider 2>&1 | tail -5 ;;
+    speculation)  # n-gram drafts vs plain decoding (and an oracle's drafts) at batch 1 and 16
+      run python3 -m pytest -q tests/gpu/test_cuda_engine.py -k speculative -p no:cacheprovider \
+        2>&1 | tail -5
+      run $KV bench-speculation --model $MODEL --device cuda --prompt-len 1024 --max-tokens 256 \
+        --rounds 3 --json-out "$OUT/bench-speculation.json" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done

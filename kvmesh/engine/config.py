@@ -12,6 +12,7 @@ from kvmesh.errors import InvalidRequestError
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 KV_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8_e4m3")
 ATTENTION_BACKENDS = ("auto", "sdpa", "paged", "triton")
+SPECULATION_METHODS = ("ngram",)
 
 
 @dataclass(slots=True)
@@ -60,6 +61,16 @@ class EngineConfig:
     work overlaps the device's; None: on where the executor runs ahead of the host (a GPU)."""
     num_threads: int = 0
     """CPU threads for the engine's math (0: the library's default)."""
+    speculate: str | None = None
+    """Speculative decoding: None (off) or `ngram` (prompt lookup: drafts copied from the
+    sequence's own earlier tokens, verified in one forward pass). Runs with synchronous
+    scheduling."""
+    num_speculative_tokens: int = 4
+    """Draft tokens proposed per decoding sequence and step (at most)."""
+    ngram_max: int = 3
+    """Longest suffix looked up for a draft (vLLM's `prompt_lookup_max`)."""
+    ngram_min: int = 1
+    """Shortest suffix looked up for a draft (vLLM's `prompt_lookup_min`)."""
     options: dict[str, str] = field(default_factory=dict)
     """Engine-specific settings (`--engine-arg KEY=VALUE`), read by the engine that knows them."""
 
@@ -82,6 +93,21 @@ class EngineConfig:
             (
                 self.attention_backend in ATTENTION_BACKENDS,
                 f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}",
+            ),
+            (
+                self.speculate is None or self.speculate in SPECULATION_METHODS,
+                f"speculate must be one of {', '.join(SPECULATION_METHODS)} (or unset: off)",
+            ),
+            (self.num_speculative_tokens >= 1, "num_speculative_tokens must be >= 1"),
+            (self.ngram_min >= 1, "ngram_min must be >= 1"),
+            (
+                self.ngram_max >= self.ngram_min,
+                f"ngram_max ({self.ngram_max}) must be >= ngram_min ({self.ngram_min})",
+            ),
+            (
+                self.speculate is None or self.async_scheduling is not True,
+                "speculative decoding runs with synchronous scheduling: "
+                "leave async_scheduling unset or turn it off",
             ),
         ]
         for ok, message in checks:

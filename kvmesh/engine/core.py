@@ -11,6 +11,13 @@ With async scheduling (an executor with `launch`, on a GPU by default) `step()` 
 step it schedules and then reads the previous one, so the host's work overlaps the device's:
 a sampled token not yet read is PENDING in its sequence (`kvmesh.engine.sequence`), and
 outputs come one step late. docs/engines.md ("Async scheduling") says what else it changes.
+
+With speculative decoding (`EngineConfig.speculate`) the scheduler gives a decoding sequence
+draft tokens (`kvmesh.engine.drafts`), the executor verifies them in the same forward pass, and
+`_take_verified` appends what was accepted and rolls the rest back: the sequence counts as
+computed only up to its accepted tokens, and blocks that held only rejected ones go back to the
+pool. It runs with synchronous scheduling (a step's accepted length must be known before the
+next is scheduled). docs/engines.md ("Speculative decoding") has the rest.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import structlog
 
 from kvmesh.engine import faults
 from kvmesh.engine.config import EngineConfig
+from kvmesh.engine.drafts import Drafter, NgramDrafter
 from kvmesh.engine.executor import (
     AsyncModelExecutor,
     Exporter,
@@ -69,6 +77,7 @@ class _Span:
     start: int
     end: int
     blocks: list[BlockId]  # the sequence's block list when launched (kept if it is released)
+    num_drafts: int = 0  # draft tokens computed after [start, end) (speculative decoding)
 
 
 @dataclass(slots=True)
@@ -112,6 +121,8 @@ class EngineCore:
             block_size=info.block_size,
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
+            drafter=self._drafter(config),
+            max_model_len=info.max_model_len,
         )
         eos = set(eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
@@ -139,13 +150,27 @@ class EngineCore:
             block_size=info.block_size,
             max_model_len=info.max_model_len,
             async_scheduling=self.async_scheduling,
+            speculate=config.speculate,
         )
+
+    def _drafter(self, config: EngineConfig) -> Drafter | None:
+        if config.speculate is None:
+            return None
+        if not getattr(self.executor, "verifies_drafts", False):
+            raise InvalidRequestError(
+                f"the {self.info.engine} engine cannot verify draft tokens (speculate)"
+            )
+        return NgramDrafter(config.num_speculative_tokens, config.ngram_max, config.ngram_min)
 
     def _async_launcher(self, config: EngineConfig) -> AsyncModelExecutor | None:
         """The executor, if steps are to be launched ahead (it has `launch` and it was asked
         for, or not asked and the executor runs ahead of the host); else None."""
         can = hasattr(self.executor, "launch")
         wanted = config.async_scheduling
+        if config.speculate is not None:
+            # EngineConfig.validate refuses async_scheduling=True with it.
+            log.info("speculative decoding: scheduling synchronously", speculate=config.speculate)
+            return None
         if wanted is None:
             wanted = can and bool(getattr(self.executor, "launches_ahead", False))
         elif wanted and not can:
@@ -157,6 +182,22 @@ class EngineCore:
     @property
     def async_scheduling(self) -> bool:
         return self._launcher is not None
+
+    def set_drafter(self, drafter: Drafter | None, *, async_scheduling: bool = False) -> None:
+        """Benchmarks: change how the next runs decode (no drafts, n-gram drafts, an oracle's),
+        on an idle core. Async scheduling only without drafts, where the executor can launch."""
+        if self.has_work:
+            raise InvalidRequestError("change speculation only while the engine is idle")
+        if drafter is not None and async_scheduling:
+            raise InvalidRequestError("speculative decoding runs with synchronous scheduling")
+        if drafter is not None and not getattr(self.executor, "verifies_drafts", False):
+            raise InvalidRequestError(f"the {self.info.engine} engine cannot verify draft tokens")
+        if async_scheduling and not hasattr(self.executor, "launch"):
+            raise InvalidRequestError(
+                f"the {self.info.engine} engine cannot schedule asynchronously"
+            )
+        self.scheduler.drafter = drafter
+        self._launcher = cast("AsyncModelExecutor", self.executor) if async_scheduling else None
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -373,9 +414,11 @@ class EngineCore:
         for chunk in chunks:
             seq = chunk.seq
             start = seq.num_computed_tokens
-            seq.num_computed_tokens += chunk.num_tokens
+            num_drafts = len(chunk.draft_token_ids)
+            # Drafts count as computed once accepted (`_take_verified`).
+            seq.num_computed_tokens += chunk.num_tokens - num_drafts
             self.stats.num_computed_tokens += chunk.num_tokens
-            spans.append(_Span(seq, start, seq.num_computed_tokens, seq.block_ids))
+            spans.append(_Span(seq, start, seq.num_computed_tokens, seq.block_ids, num_drafts))
             # Cached now, not when read: a prompt waiting for these blocks finds them at the
             # next schedule, and whatever reads them runs after this step on the device.
             self._register_full_blocks(seq)
@@ -391,10 +434,60 @@ class EngineCore:
         for span in spans:
             if span.seq.state is not SeqState.FINISHED:
                 self._register_full_blocks(span.seq)  # blocks that held a pending token
-        outputs = [
-            self._append_token(s.seq, s) for s in sampled if s.seq.state is not SeqState.FINISHED
-        ]
+        drafted = {span.seq: span.num_drafts for span in spans if span.num_drafts}
+        if not drafted:
+            appended = [
+                self._append_token(s.seq, s)
+                for s in sampled
+                if s.seq.state is not SeqState.FINISHED
+            ]
+            return [out for out in appended if out is not None]  # None: a failed export
+        outputs: list[StepOutput | None] = []
+        i = 0
+        while i < len(sampled):  # a sequence with drafts has 1 to k + 1 samples in a row
+            seq, j = sampled[i].seq, i + 1
+            while j < len(sampled) and sampled[j].seq is seq:
+                j += 1
+            if seq.state is not SeqState.FINISHED:
+                if seq in drafted:
+                    outputs.append(self._take_verified(seq, sampled[i:j], drafted[seq]))
+                else:
+                    outputs.append(self._append_token(seq, sampled[i]))
+            i = j
         return [out for out in outputs if out is not None]
+
+    def _take_verified(self, seq: Sequence, samples: list[Sampled], num_drafts: int) -> StepOutput:
+        """Append a verify step's tokens (accepted drafts, then the model's own) up to the first
+        that ends the request, as if they came one step each; roll back the rejected drafts."""
+        self.stats.num_spec_verifications += 1
+        self.stats.num_spec_draft_tokens += num_drafts
+        self.stats.num_spec_accepted_tokens += len(samples) - 1
+        token_ids: list[int] = []
+        logprobs: list[TokenLogprob] = []
+        text = ""
+        for s in samples:
+            seq.token_ids.append(s.token_id)
+            self.stats.num_generated_tokens += 1
+            token_ids.append(s.token_id)
+            if s.logprob is not None:
+                logprobs.append(s.logprob)
+            if seq.detokenizer is not None:
+                text += seq.detokenizer.add([s.token_id])
+            self._check_finish(seq, s.token_id)
+            if seq.finish_reason is not None:
+                break
+        if seq.finish_reason is not None:
+            if seq.detokenizer is not None:
+                text += seq.detokenizer.flush()
+            out = self._output(seq, token_ids, text, logprobs)
+            self._finish(seq)
+            return out
+        # The last token and the accepted drafts have their KV; the new last token has none yet.
+        # What rejected drafts wrote past that is never cached and is overwritten later.
+        seq.num_computed_tokens = seq.num_tokens - 1
+        self._register_full_blocks(seq)
+        self.scheduler.release_blocks_past_computed(seq)
+        return self._output(seq, token_ids, text, logprobs)
 
     def _ends_at(self, seq: Sequence, num_tokens: int) -> bool:
         """Whether a sequence ends once it holds `num_tokens`, whatever the last one is."""

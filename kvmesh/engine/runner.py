@@ -3,7 +3,12 @@
 
 On a GPU it launches a step and returns before the step has run (`launch`), so the core can
 schedule the next step meanwhile (async scheduling); nothing on the launch path waits for the
-device: inputs go up through pinned memory, samples come back the same way."""
+device: inputs go up through pinned memory, samples come back the same way.
+
+A chunk with draft tokens (speculative decoding, synchronous scheduling only) runs like a prefill
+chunk that starts at the sequence's last token, eagerly (decode graphs take one token per
+sequence), with logits at each of its positions; `kvmesh.engine.verify` then decides what it
+emits, and the step is read at once."""
 
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from kvmesh.engine.sampling import DeviceSample, SamplerRow, make_generator
 from kvmesh.engine.scheduler import ScheduledChunk
 from kvmesh.engine.sequence import Sequence
 from kvmesh.engine.uploads import upload
+from kvmesh.engine.verify import VerifyRow, verify
 from kvmesh.errors import InvalidRequestError
 from kvmesh.kv.cache import PagedKvCache
 from kvmesh.sampling import SamplingParams
@@ -59,7 +65,22 @@ class RunnerStep:
             self._event.synchronize()
 
 
+class VerifiedStep:
+    """A step with drafts, already read: verifying them needed their logits on the host."""
+
+    def __init__(self, sampled: list[Sampled]) -> None:
+        self._sampled = sampled
+
+    def result(self) -> list[Sampled]:
+        return self._sampled
+
+    def fence(self) -> None:
+        pass
+
+
 class ModelRunner:
+    verifies_drafts = True  # runs chunks with draft tokens (`ScheduledChunk.draft_token_ids`)
+
     def __init__(
         self,
         model: LlamaModel,
@@ -119,23 +140,29 @@ class ModelRunner:
         """Compute the chunks' tokens; sample for sequences whose tokens are all computed."""
         return self.launch(chunks).result()
 
-    def launch(self, chunks: list[ScheduledChunk]) -> RunnerStep:
+    def launch(self, chunks: list[ScheduledChunk]) -> RunnerStep | VerifiedStep:
         """Queue the step on the device and return; `result()` waits for its samples.
 
         A sequence's PENDING input token is the previous launch's sample for it, copied on the
-        device into this step's input ids.
+        device into this step's input ids. A step with drafts is run and read before returning.
         """
         input_ids: list[int] = []
         positions: list[int] = []
         slices: list[SequenceSlice] = []
         logits_indices: list[int] = []
         sampling: list[Sequence] = []
+        verify_rows: list[VerifyRow] = []  # each sampling sequence's logits rows and drafts
         pending_rows: list[int] = []  # rows of the flat batch whose token is still on the device
         pending_src: list[int] = []  # their rows in the previous launch's samples
         for chunk in chunks:
             seq, start = chunk.seq, chunk.seq.num_computed_tokens
             end = start + chunk.num_tokens
-            if end > seq.num_resolved_tokens:
+            drafts = chunk.draft_token_ids
+            if drafts:
+                assert end == seq.num_tokens + len(drafts), "drafts follow the last token"
+                input_ids += seq.token_ids[start:]
+                input_ids += drafts
+            elif end > seq.num_resolved_tokens:
                 assert self._last is not None and end - start == 1, "a pending token decodes alone"
                 pending_rows.append(len(input_ids))
                 pending_src.append(self._last[1][seq])
@@ -144,9 +171,11 @@ class ModelRunner:
                 input_ids += seq.token_ids[start:end]
             positions += range(start, end)
             slices.append(SequenceSlice(chunk.num_tokens, start, seq.block_ids))
-            if end == seq.num_tokens:
-                logits_indices.append(len(input_ids) - 1)
+            if end >= seq.num_tokens:
+                verify_rows.append(VerifyRow(seq.sampler, len(logits_indices), drafts))
+                logits_indices += range(len(input_ids) - len(drafts) - 1, len(input_ids))
                 sampling.append(seq)
+        verifying = any(r.drafts for r in verify_rows)
 
         def resolve_pending(ids: torch.Tensor) -> None:
             if pending_rows:
@@ -161,7 +190,11 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.can_run(slices):
             # every row samples
             logits = self.graphs.run(input_ids, positions, slices, resolve_pending)
-        elif self.prefill_graphs is not None and self.prefill_graphs.can_run(slices):
+        elif (
+            self.prefill_graphs is not None
+            and not verifying  # its graphs give the last position's logits only
+            and self.prefill_graphs.can_run(slices)
+        ):
             assert not pending_rows  # a pending token is only ever a decode row's input
             logits = self.prefill_graphs.run(input_ids, positions, slices[0])
         else:
@@ -178,9 +211,35 @@ class ModelRunner:
         if not sampling:
             self._last = None
             return RunnerStep([], None, self.device)
+        if verifying:
+            self._last = None  # async scheduling is off with drafts: nothing reads it
+            return VerifiedStep(self._verify(logits, sampling, verify_rows))
         samples = DeviceSample(logits, [seq.sampler for seq in sampling])
         self._last = (samples.tokens, {seq: row for row, seq in enumerate(sampling)})
         return RunnerStep(sampling, samples, self.device)
+
+    def _verify(
+        self, logits: torch.Tensor, sampling: list[Sequence], rows: list[VerifyRow]
+    ) -> list[Sampled]:
+        """Each sampling sequence's emitted tokens (see `verify`), with their logprobs, in
+        order: a sequence's accepted drafts then its next token."""
+        emitted = verify(logits, rows)
+        index = [
+            r.first + j for r, tokens in zip(rows, emitted, strict=True) for j in range(len(tokens))
+        ]
+        flat = [t for tokens in emitted for t in tokens]
+        samplers = [r.sampler for r, tokens in zip(rows, emitted, strict=True) for _ in tokens]
+        owners = [seq for seq, tokens in zip(sampling, emitted, strict=True) for _ in tokens]
+        samples = DeviceSample(
+            logits.index_select(0, upload(index, torch.long, self.device)),
+            samplers,
+            tokens=upload(flat, torch.long, self.device),
+        )
+        tokens, logprobs = samples.read()
+        return [
+            Sampled(seq, token, logprob)
+            for seq, token, logprob in zip(owners, tokens, logprobs, strict=True)
+        ]
 
     def export_state(self, export: KvExport) -> bytes:
         raise InvalidRequestError("the torch engine's KV moves through the mesh (NIXL)")

@@ -39,9 +39,17 @@ class DeviceSample:
     asynchronous on CUDA, and `read` waits for them. On CPU everything is done at once.
     """
 
-    def __init__(self, logits: torch.Tensor, rows: Sequence[SamplerRow]) -> None:
+    def __init__(
+        self,
+        logits: torch.Tensor,
+        rows: Sequence[SamplerRow],
+        tokens: torch.Tensor | None = None,
+    ) -> None:
+        """`tokens`: the tokens already chosen (verified drafts), to read with their logprobs;
+        None samples them from `logits`."""
         device = logits.device
-        self.tokens = _choose(logits, rows)  # on the device: the next step's inputs
+        # On the device: the next step's inputs.
+        self.tokens = _choose(logits, rows) if tokens is None else tokens
         wanted = [i for i, r in enumerate(rows) if _wants_logprobs(r)]
         self._wanted = wanted
         self._top_n = [rows[i].params.top_logprobs for i in wanted]
@@ -101,7 +109,7 @@ def _choose(logits: torch.Tensor, rows: Sequence[SamplerRow]) -> torch.Tensor:
         tokens[index] = logits[index].argmax(dim=-1)
     for i, row in enumerate(rows):
         if not row.params.is_greedy:
-            tokens[i] = _draw(logits[i], row)
+            tokens[i] = draw(logits[i], row)
     return tokens
 
 
@@ -113,8 +121,14 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
     return host
 
 
-def _draw(logits: torch.Tensor, row: SamplerRow) -> torch.Tensor:
-    params = row.params
+def draw(logits: torch.Tensor, row: SamplerRow) -> torch.Tensor:
+    probs = processed_probs(logits, row.params)
+    return torch.multinomial(probs, 1, generator=row.generator)[0]
+
+
+def processed_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution a token is drawn from: one row of logits (temperature > 0) after
+    temperature, top-k and top-p."""
     scaled = logits / params.temperature
     if params.top_k and params.top_k < scaled.shape[-1]:
         kth = torch.topk(scaled, params.top_k).values[-1]
@@ -126,8 +140,7 @@ def _draw(logits: torch.Tensor, row: SamplerRow) -> torch.Tensor:
         keep_sorted[0] = True
         keep = torch.empty_like(keep_sorted).scatter_(0, order, keep_sorted)
         scaled = scaled.masked_fill(~keep, float("-inf"))
-    probs = scaled.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=row.generator)[0]
+    return scaled.softmax(dim=-1)
 
 
 def _wants_logprobs(row: SamplerRow) -> bool:

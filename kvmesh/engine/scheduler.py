@@ -14,6 +14,13 @@ the others.
 
 With async scheduling, a sequence whose pending token (sampled, not yet read) is known to be its
 last is neither scheduled nor preempted: it ends, and frees its blocks, once that token is read.
+
+With speculative decoding (a `drafter`), a decoding sequence's chunk is its last token plus up to
+k draft tokens, all verified in one forward pass. Drafts are added once everything else is
+scheduled and take only what is spare, so they never change what else runs: the budget left,
+room below max_tokens and the context limit (a verify step emits up to k + 1 tokens), and free
+blocks; none in a step that had to preempt. After the step the core rolls back what was
+rejected (`release_blocks_past_computed`).
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from kvmesh.engine.sequence import SeqState, Sequence
+from kvmesh.engine.drafts import Drafter
+from kvmesh.engine.sequence import SeqKind, SeqState, Sequence
 from kvmesh.kv.block_pool import BlockPool
 from kvmesh.kv.hashing import BlockHash
 
@@ -29,7 +37,10 @@ from kvmesh.kv.hashing import BlockHash
 @dataclass(slots=True)
 class ScheduledChunk:
     seq: Sequence
-    num_tokens: int
+    num_tokens: int  # drafts included
+    # Tokens guessed to follow the sequence's last token (speculative decoding): the chunk is
+    # that token then these, and the step samples at each of its positions to verify them.
+    draft_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(slots=True)
@@ -51,11 +62,15 @@ class Scheduler:
         block_size: int,
         max_num_seqs: int,
         max_num_batched_tokens: int,
+        drafter: Drafter | None = None,
+        max_model_len: int | None = None,
     ) -> None:
         self.pool = pool
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.drafter = drafter
+        self.max_model_len = max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self._hit_tokens = 0
@@ -85,8 +100,17 @@ class Scheduler:
         self.pool.release(seq.block_ids)
         seq.block_ids = []
 
+    def release_blocks_past_computed(self, seq: Sequence) -> None:
+        """After a verify step: free the blocks that held only rejected drafts (never cached:
+        a block is cached once full of computed, accepted tokens)."""
+        keep = self._blocks_for(seq.num_computed_tokens)
+        if len(seq.block_ids) > keep:
+            self.pool.release(seq.block_ids[keep:])
+            del seq.block_ids[keep:]
+
     def schedule(self) -> SchedulerOutput:
         scheduled: dict[Sequence, int] = {}
+        drafts: dict[Sequence, list[int]] = {}
         preempted: list[Sequence] = []
         self._hit_tokens = 0
 
@@ -124,8 +148,42 @@ class Scheduler:
         self.waiting.extendleft(reversed(deferred))
         self.num_deferred += len(deferred)
 
-        chunks = [ScheduledChunk(seq, n) for seq, n in scheduled.items()]
+        if self.drafter is not None and not preempted:
+            for seq, num_tokens in list(scheduled.items()):  # decoding ones first, oldest first
+                guess = self._draft(seq, budget()) if num_tokens == 1 else []
+                if guess:
+                    seq.block_ids += self.pool.allocate(self._blocks_needed(seq, 1 + len(guess)))
+                    scheduled[seq] += len(guess)
+                    drafts[seq] = guess
+
+        chunks = [
+            ScheduledChunk(seq, n, tuple(drafts.get(seq, ()))) for seq, n in scheduled.items()
+        ]
         return SchedulerOutput(chunks, preempted, self._hit_tokens)
+
+    def _draft(self, seq: Sequence, spare_tokens: int) -> list[int]:
+        """Draft tokens for a decoding sequence: as many as the drafter guesses, within the
+        spare budget, max_tokens and the context limit (a verify step emits up to one more than
+        its drafts), and the free blocks."""
+        if (
+            self.drafter is None
+            or seq.num_uncomputed_tokens != 1
+            or seq.num_pending
+            or seq.kind is SeqKind.PREFILL_ONLY
+        ):
+            return []
+        room = min(spare_tokens, seq.sampling.max_tokens - seq.num_output_tokens - 1)
+        if self.max_model_len is not None:
+            room = min(room, self.max_model_len - seq.num_tokens - 1)
+        if room < 1:
+            return []
+        guess = self.drafter.propose(seq, room)[:room]
+        while guess and self._blocks_needed(seq, 1 + len(guess)) > self.pool.num_free_blocks:
+            guess.pop()  # drafts are a bet: they never take a block anyone else needs
+        return guess
+
+    def _blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
+        return self._blocks_for(seq.num_computed_tokens + num_tokens) - len(seq.block_ids)
 
     def _blocks_in_flight(self) -> set[BlockHash]:
         """Hashes of the full prompt blocks running sequences have yet to compute."""
@@ -160,7 +218,7 @@ class Scheduler:
 
         False when `seq` itself had to be preempted.
         """
-        needed = self._blocks_for(seq.num_computed_tokens + num_tokens) - len(seq.block_ids)
+        needed = self._blocks_needed(seq, num_tokens)
         while needed > self.pool.num_free_blocks:
             # Not one that ends with its pending token: it frees its blocks once that is read.
             victim = next(s for s in reversed(self.running) if s is seq or not s.ends_at_pending)

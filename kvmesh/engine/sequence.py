@@ -62,6 +62,8 @@ class Sequence:
     # The pending token ends the sequence whatever its value (max_tokens, the context limit, a
     # prefill-only request's first token): nothing more is scheduled for it.
     ends_at_pending: bool = False
+    # The drafter's state for this sequence (speculative decoding; `kvmesh.engine.drafts`).
+    draft_index: object | None = None
 
     @property
     def num_tokens(self) -> int:

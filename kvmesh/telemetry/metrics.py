@@ -127,6 +127,9 @@ ENGINE_COUNTERS = {  # metric name -> EngineStats field
     "kvmesh_engine_requests_finished_total": "num_requests_finished",
     "kvmesh_engine_requests_aborted_total": "num_requests_aborted",
     "kvmesh_engine_requests_failed_total": "num_requests_failed",
+    "kvmesh_engine_spec_verifications_total": "num_spec_verifications",
+    "kvmesh_engine_spec_draft_tokens_total": "num_spec_draft_tokens",
+    "kvmesh_engine_spec_accepted_tokens_total": "num_spec_accepted_tokens",
 }
 ENGINE_GAUGES = {  # metric name -> LoadSnapshot field
     "kvmesh_engine_running_requests": "num_running",

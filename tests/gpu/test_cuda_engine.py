@@ -220,3 +220,37 @@ def test_async_scheduling_gives_the_synchronous_tokens() -> None:
         assert core.is_idle_and_whole()
         _free(core)
     assert results[True] == results[False]
+
+
+def test_speculative_decoding_gives_the_plain_tokens_through_the_kernels() -> None:
+    """N-gram drafts verified through the triton prefill kernel (a chunk that starts at a
+    sequence's last token, over its paged KV), mixed with decode rows and chunked prefills, and
+    steps without drafts through the decode graphs: the same greedy tokens as plain decoding
+    (float32), with drafts accepted, and every block back in the pool."""
+    rng = torch.Generator().manual_seed(6)
+    phrases = [torch.randint(3, 60, (n,), generator=rng).tolist() for n in (2, 3, 5, 7, 4, 6)]
+    prompts = [p * r for p, r in zip(phrases, (9, 5, 4, 3, 12, 6), strict=True)]
+    prompts += [torch.randint(10, 200, (n,), generator=rng).tolist() for n in (1, 15, 70)]
+    params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+    results = {}
+    for speculate in (None, "ngram"):
+        config = EngineConfig(
+            model="dummy:llama-tiny",
+            device="cuda",
+            dtype="float32",
+            block_size=16,
+            num_blocks=256,
+            max_num_batched_tokens=32,
+            attention_backend="triton",
+            speculate=speculate,
+        )
+        core = TorchCore(config, show_progress=False)
+        core.warm_up()
+        results[speculate] = generate(core, prompts, params)
+        assert core.info.cuda_graphs
+        if speculate:
+            assert not core.async_scheduling
+            assert core.stats.num_spec_accepted_tokens > 0
+        assert core.is_idle_and_whole()
+        _free(core)
+    assert results["ngram"] == results[None]
