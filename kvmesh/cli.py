@@ -844,6 +844,12 @@ async def _stopped_by_signals(coroutine: Coroutine[Any, Any, T]) -> T | None:
 @click.option("--slo-itl-ms", type=float, default=None, help="on each request's mean ITL")
 @click.option("--slo-e2e-ms", type=float, default=None)
 @click.option("--api-key", default=None, help="HTTP: sent as a bearer token")
+@click.option(
+    "--worker-metrics",
+    multiple=True,
+    metavar="HOST:PORT",
+    help="a worker's /metrics (repeatable): report its speculative decoding (drafts accepted)",
+)
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="results as JSON")
 @click.option("--plot-dir", type=click.Path(path_type=Path), default=None, help="PNG plots")

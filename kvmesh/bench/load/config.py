@@ -62,6 +62,7 @@ class BenchConfig:
     slo: Slo = Slo()
     api_key: str | None = None  # HTTP: sent as a bearer token
     progress: bool = False  # a progress line on stderr while running
+    worker_metrics: tuple[str, ...] = ()  # workers' /metrics (host:port): speculation counters
 
     def validate(self) -> None:
         """Raise ConfigError naming the first inconsistent setting."""

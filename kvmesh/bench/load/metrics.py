@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from kvmesh.bench.load.config import BenchConfig, Slo
+from kvmesh.bench.load.speculation import SpeculationStats
 
 
 @dataclass(slots=True)
@@ -198,12 +199,14 @@ class BenchResult:
     target: str  # the target's description
     summary: Summary
     records: list[RequestRecord]
+    speculation: SpeculationStats | None = None  # with --worker-metrics: the workers' drafts
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "model": self.model,
             "target": self.target,
             "summary": self.summary.as_dict(),
+            "speculation": None if self.speculation is None else self.speculation.as_dict(),
             "config": self.config.as_dict(),
             "requests": [r.as_dict() for r in self.records],
         }

@@ -91,6 +91,8 @@ def render_summary(result: BenchResult) -> str:
     ]
     if result.summary.interrupted:
         header.append("           interrupted: the numbers cover the requests that finished")
+    if result.speculation is not None:
+        header.append(f"drafts     {result.speculation.describe()}")
     out = "\n".join(header) + "\n\n" + render_comparison({"": result})
     errors = list(result.summary.errors.items())[:MAX_ERRORS_SHOWN]
     if errors:

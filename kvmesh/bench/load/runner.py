@@ -25,6 +25,7 @@ from kvmesh.bench.load.config import DEFAULT_TOKENIZER_MODEL, BenchConfig
 from kvmesh.bench.load.errors import ConfigError, RequestFailedError, TargetError
 from kvmesh.bench.load.metrics import BenchResult, RequestRecord, spread_tokens, summarize
 from kvmesh.bench.load.progress import Progress
+from kvmesh.bench.load.speculation import difference, read_counters
 from kvmesh.bench.load.targets import Prompt, Target, Usage, open_target
 from kvmesh.bench.load.workloads import Session, TokenRange, build, stand_in_answer, truncate
 from kvmesh.text import Tokenizer
@@ -58,11 +59,16 @@ async def run_async(config: BenchConfig, *, stop: asyncio.Event | None = None) -
         max_connections=config.max_in_flight,
         api_key=config.api_key,
     )
+    speculation = None
     try:
         model = await _resolve_model(target, config.model)
         log.info("bench starting", target=target.description, model=model)
+        if config.worker_metrics:
+            counted = await read_counters(config.worker_metrics)
         load = _Load(config, target, model, tokenizer, tokens)
         interrupted = await load.drive(sessions, stop or asyncio.Event())
+        if config.worker_metrics:
+            speculation = difference(counted, await read_counters(config.worker_metrics))
     finally:
         await target.aclose()
     records = sorted(load.records, key=lambda r: r.index)
@@ -73,7 +79,7 @@ async def run_async(config: BenchConfig, *, stop: asyncio.Event | None = None) -
         in_flight_cap_hits=load.cap_hits,
         interrupted=interrupted,
     )
-    return BenchResult(config, model, target.description, summary, records)
+    return BenchResult(config, model, target.description, summary, records, speculation)
 
 
 async def _run_until_sigint(config: BenchConfig) -> BenchResult:
