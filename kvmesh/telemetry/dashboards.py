@@ -156,6 +156,14 @@ DASHBOARDS: dict[str, tuple[str, list[Panel]]] = {
                 ("sum by (tier) (rate(kvmesh_engine_requests_failed_total[1m]))",
                  "failed {{tier}}"),
             )),
+            Panel("Speculative decoding: drafts accepted, tokens per verify step", (
+                ("sum by (tier) (rate(kvmesh_engine_spec_accepted_tokens_total[5m])) / "
+                 "sum by (tier) (rate(kvmesh_engine_spec_draft_tokens_total[5m]))",
+                 "acceptance {{tier}}"),
+                ("1 + sum by (tier) (rate(kvmesh_engine_spec_accepted_tokens_total[5m])) / "
+                 "sum by (tier) (rate(kvmesh_engine_spec_verifications_total[5m]))",
+                 "tokens per verify {{tier}}"),
+            )),
         ],
     ),
     "clusters": (
