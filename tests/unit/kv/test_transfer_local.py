@@ -285,3 +285,24 @@ def test_staging_smaller_than_a_block_is_a_clear_error() -> None:
     finally:
         reader.close()
         source.close()
+
+
+async def test_fp8_blocks_into_an_fp8_cache_copy_as_they_are() -> None:
+    """A prefill worker sending FP8 to a decode worker whose cache is FP8: equal layouts, so
+    the READ lands in the cache byte for byte, scales included."""
+    fp8 = LAYOUT.with_changes(dtype=torch.float8_e4m3fn)
+    tokens = torch.randn((16, 2, 2, 2, 8), generator=torch.Generator().manual_seed(5))
+    source = _source(fp8, 4, tokens)
+    reader = KvTransferAgent(
+        f"fp8-{uuid.uuid4().hex[:8]}", PagedKvCache(fp8, NUM_BLOCKS, torch.device("cpu"))
+    )
+    try:
+        reader.add_peer(source.region())
+        serving = asyncio.create_task(source.serve())
+        result = await reader.read_blocks(source.name, [0, 1, 2, 3], [9, 4, 12, 1])
+        assert result.num_bytes == 4 * fp8.bytes_per_block
+        assert _bytes(reader.kv_cache, [9, 4, 12, 1]) == _bytes(source.kv_cache, [0, 1, 2, 3])
+    finally:
+        reader.close()
+        source.close()
+        await asyncio.wait_for(serving, timeout=5)
