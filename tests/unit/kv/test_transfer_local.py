@@ -238,7 +238,7 @@ async def test_read_converted_repacks_another_block_size_and_dtype(
         assert result.num_bytes == (last - first) * layout.bytes_per_block
         got = reader.kv_cache.read_values(local).transpose(1, 2).reshape(-1, 2, 2, 2, 8)[:count]
         want = tokens[skip : skip + count]
-        assert torch.allclose(got, want, rtol=tolerance, atol=tolerance * want.abs().max())
+        assert torch.allclose(got, want, rtol=tolerance, atol=tolerance * want.abs().max().item())
         untouched = [b for b in range(NUM_BLOCKS) if b not in local]
         assert not reader.kv_cache.tensor[untouched].any()
         notes = await source.wait_notifications(timeout_s=5)
