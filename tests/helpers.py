@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 
+from kvmesh.engine.config import EngineConfig
 from kvmesh.engine.core import StepOutput
 from kvmesh.engine.torch_engine import TorchCore
 from kvmesh.sampling import SamplingParams
@@ -49,3 +50,16 @@ def generate_one_at_a_time(
     core: TorchCore, prompts: Sequence[Sequence[int]], params: SamplingParams = GREEDY
 ) -> list[list[int]]:
     return [generate(core, [p], params, prefix=f"solo{i}")[0] for i, p in enumerate(prompts)]
+
+
+def tiny_core(**overrides: object) -> TorchCore:
+    """The tiny dummy Llama on the CPU, blocks of 4: what engine unit tests run on."""
+    settings: dict[str, object] = {
+        "model": "dummy:llama-tiny",
+        "device": "cpu",
+        "block_size": 4,
+        "num_blocks": 128,
+        "max_num_batched_tokens": 64,
+    }
+    settings.update(overrides)
+    return TorchCore(EngineConfig(**settings), show_progress=False)  # type: ignore[arg-type]

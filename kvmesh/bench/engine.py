@@ -293,6 +293,19 @@ def kv_bytes_per_token(core: TorchCore) -> int:
     return layout.bytes_per_block // layout.block_size
 
 
+def engine_header(core: TorchCore) -> dict[str, Any]:
+    """What every engine benchmark's report starts with: the card, the model, how it runs."""
+    return {
+        "device": torch.cuda.get_device_name(core.model.device)
+        if core.model.device.type == "cuda"
+        else "cpu",
+        "model": core.info.model_id,
+        "dtype": core.info.dtype,
+        "attention_backend": core.info.attention_backend,
+        "cuda_graphs": core.info.cuda_graphs,
+    }
+
+
 def gpu_report(
     core: TorchCore,
     *,
@@ -312,13 +325,7 @@ def gpu_report(
     weight_bytes = core.model.weight_bytes
     kv_token = kv_bytes_per_token(core)
     report: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(core.model.device)
-        if core.model.device.type == "cuda"
-        else "cpu",
-        "model": core.info.model_id,
-        "dtype": core.info.dtype,
-        "attention_backend": core.info.attention_backend,
-        "cuda_graphs": core.info.cuda_graphs,
+        **engine_header(core),
         "async_scheduling": core.async_scheduling,
         "parameters": params,
         "weight_bytes": weight_bytes,

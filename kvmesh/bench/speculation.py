@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kvmesh.bench.engine import engine_header
 from kvmesh.bench.load.workloads import CodeEdit, TokenRange
 from kvmesh.engine.drafts import Drafter, NgramDrafter
 from kvmesh.engine.sequence import Sequence
@@ -220,13 +221,7 @@ def speculation_report(
     if not getattr(core.executor, "launches_ahead", False):
         modes.remove("baseline_async")  # async pays only where the device runs ahead (a GPU)
     report: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(core.model.device)
-        if core.model.device.type == "cuda"
-        else "cpu",
-        "model": core.info.model_id,
-        "dtype": core.info.dtype,
-        "attention_backend": core.info.attention_backend,
-        "cuda_graphs": core.info.cuda_graphs,
+        **engine_header(core),
         "prompts": prompt_kind,
         "prompt_tokens_mean": statistics.mean(len(p) for p in prompts),
         "max_tokens": max_tokens,

@@ -5,7 +5,9 @@ Each default is written here once; `kvmesh.options` builds the command-line opti
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvmesh.errors import InvalidRequestError
 
@@ -113,3 +115,25 @@ class EngineConfig:
         for ok, message in checks:
             if not ok:
                 raise InvalidRequestError(message)
+
+
+def parse_engine_args(
+    engine: str,
+    options: Mapping[str, str],
+    converters: Mapping[str, Callable[[str], Any]],
+) -> dict[str, Any]:
+    """An engine's `--engine-arg KEY=VALUE` settings (`EngineConfig.options`) converted, one
+    converter per known key; InvalidRequestError naming an unknown key or a bad value."""
+    unknown = sorted(set(options) - set(converters))
+    if unknown:
+        raise InvalidRequestError(
+            f"unknown {engine} engine option(s) {', '.join(unknown)}; "
+            f"known: {', '.join(sorted(converters))}"
+        )
+    values: dict[str, Any] = {}
+    for key, text in options.items():
+        try:
+            values[key] = converters[key](text)
+        except ValueError as e:
+            raise InvalidRequestError(f"{engine} engine option {key}={text!r}: {e}") from e
+    return values

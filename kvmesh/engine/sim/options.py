@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from kvmesh.engine.config import parse_engine_args
 from kvmesh.engine.sim.gpus import CALIBRATION, GPUS, Calibration
 from kvmesh.errors import InvalidRequestError
 
@@ -37,19 +38,7 @@ class SimOptions:
     @classmethod
     def parse(cls, options: Mapping[str, str]) -> SimOptions:
         """Read `--engine-arg` values; InvalidRequestError naming a bad or unknown key."""
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - set(known))
-        if unknown:
-            raise InvalidRequestError(
-                f"unknown sim engine option(s) {', '.join(unknown)}; known: {', '.join(known)}"
-            )
-        values: dict[str, Any] = {}
-        for key, text in options.items():
-            convert = _CONVERTERS[key]
-            try:
-                values[key] = convert(text)
-            except ValueError as e:
-                raise InvalidRequestError(f"sim engine option {key}={text!r}: {e}") from e
+        values = parse_engine_args("sim", options, _CONVERTERS)
         parsed = cls(**values)
         parsed._check()
         return parsed

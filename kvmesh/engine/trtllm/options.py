@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from kvmesh.engine.config import parse_engine_args
 from kvmesh.errors import InvalidRequestError
 
 TRANSCEIVER_BACKENDS = ("DEFAULT", "UCX", "NIXL", "MPI")
@@ -34,19 +34,7 @@ class TrtllmOptions:
     @classmethod
     def parse(cls, options: Mapping[str, str]) -> TrtllmOptions:
         """Read `--engine-arg` values; InvalidRequestError naming a bad or unknown key."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise InvalidRequestError(
-                f"unknown trtllm engine option(s) {', '.join(unknown)}; "
-                f"known: {', '.join(sorted(known))}"
-            )
-        values: dict[str, Any] = {}
-        for key, text in options.items():
-            try:
-                values[key] = _CONVERTERS[key](text)
-            except ValueError as e:
-                raise InvalidRequestError(f"trtllm engine option {key}={text!r}: {e}") from e
+        values = parse_engine_args("trtllm", options, _CONVERTERS)
         parsed = cls(**values)
         parsed._check()
         return parsed

@@ -28,7 +28,13 @@ from kvmesh.kv.errors import LayoutMismatchError
 from kvmesh.kv.events import BlockRemoved, BlockStored
 from kvmesh.sampling import SamplingParams
 from kvmesh.types import FinishReason, GenerateRequest, PrefillOutput, TokenOutput
-from tests.helpers import generate, generate_one_at_a_time, run_until_idle, tokens_by_request
+from tests.helpers import (
+    generate,
+    generate_one_at_a_time,
+    run_until_idle,
+    tiny_core,
+    tokens_by_request,
+)
 
 NO_EOS = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
@@ -57,16 +63,7 @@ _ASYNC = {"on": False}  # set per module run by the `scheduling` fixture
 
 
 def tiny(**overrides: object) -> TorchCore:
-    settings: dict[str, object] = {
-        "model": "dummy:llama-tiny",
-        "device": "cpu",
-        "block_size": 4,
-        "num_blocks": 128,
-        "max_num_batched_tokens": 64,
-        "async_scheduling": _ASYNC["on"],
-    }
-    settings.update(overrides)
-    return TorchCore(EngineConfig(**settings), show_progress=False)  # type: ignore[arg-type]
+    return tiny_core(**{"async_scheduling": _ASYNC["on"], **overrides})
 
 
 def prompts(n: int, *, seed: int = 0, low: int = 3, high: int = 30) -> list[list[int]]:

@@ -19,20 +19,9 @@ from kvmesh.errors import InvalidRequestError
 from kvmesh.sampling import SamplingParams
 from kvmesh.types import FinishReason, GenerateRequest, PrefillOutput, TokenOutput
 from tests.helpers import generate, run_until_idle, tokens_by_request
+from tests.helpers import tiny_core as tiny
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
-
-
-def tiny(**overrides: object) -> TorchCore:
-    settings: dict[str, object] = {
-        "model": "dummy:llama-tiny",
-        "device": "cpu",
-        "block_size": 4,
-        "num_blocks": 128,
-        "max_num_batched_tokens": 64,
-    }
-    settings.update(overrides)
-    return TorchCore(EngineConfig(**settings), show_progress=False)  # type: ignore[arg-type]
 
 
 def spec(**overrides: object) -> TorchCore:
